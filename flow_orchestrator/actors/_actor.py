@@ -1,0 +1,204 @@
+"""The actor base: one durable JetStream consumer shared by every worker, a bounded mailbox, a lifecycle.
+
+Each actor kind owns a durable push consumer with a deliver group, so a message goes to exactly one
+worker at a time and the work spreads across processes. The subscription is the mailbox; each message
+is handled in its own task (bounded by ``concurrency``) so one slow action never blocks the others.
+Messages held longer than a third of the ack wait get ``in_progress`` heartbeats, so a long action is
+not mistaken for a dead worker, while a killed worker's messages come back after the ack wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors as js_errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from flow_orchestrator._errors import ActorStopped, FlowError, MessageError
+from flow_orchestrator.actors._system import ActorSystem
+
+log = logging.getLogger("flow_orchestrator.actors")
+TRANSIENT = (nats.errors.Error, js_errors.Error, asyncio.TimeoutError, ConnectionError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec:
+    """A durable consumer: which stream, which subjects, how long a worker may hold a message."""
+
+    stream: str
+    durable: str
+    filter_subjects: tuple[str, ...]
+    ack_wait: float = 30.0
+    max_deliver: int = 100
+    max_ack_pending: int = 10_000
+    deliver_policy: DeliverPolicy = DeliverPolicy.ALL
+    opt_start_time: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Actor:
+    """Base class of node, supervisor and trigger actors.
+
+    Subclasses implement :meth:`receive`, which must ack, nak or term the message. The base class
+    handles the rest: an exception of type :class:`MessageError` (or a message redelivered more than
+    ``poison_after`` times) is dead-lettered and terminated; any other exception is retried with a
+    growing delay.
+    """
+
+    poison_after = 10
+
+    def __init__(self, system: ActorSystem, spec: ConsumerSpec, *, concurrency: int = 256) -> None:
+        self.system = system
+        self.spec = spec
+        self.name = spec.durable
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._held: dict[int, tuple[Msg, float]] = {}
+        self._sub: Subscription | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # --- lifecycle hooks: documented no-ops -------------------------------------------------------
+    async def on_start(self) -> None:
+        """Runs once before the consumer starts delivering. If it raises, the actor does not start."""
+
+    async def on_stop(self) -> None:
+        """Runs once after the last in-flight message finished or was released. Errors are logged."""
+
+    async def on_failure(self, msg: Msg, error: BaseException) -> None:
+        """Runs when handling ``msg`` raised ``error`` (after the message was nak'd or dead-lettered).
+        Errors raised here are logged and otherwise ignored."""
+
+    async def receive(self, msg: Msg) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- mechanics --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.on_start()
+        deliver = self.system.names.deliver(self.spec.durable)
+        config = ConsumerConfig(
+            durable_name=self.spec.durable,
+            deliver_subject=deliver,
+            deliver_group=self.spec.durable,
+            filter_subjects=list(self.spec.filter_subjects),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.spec.ack_wait,
+            max_deliver=self.spec.max_deliver,
+            max_ack_pending=self.spec.max_ack_pending,
+            deliver_policy=self.spec.deliver_policy,
+            opt_start_time=self.spec.opt_start_time,
+            **self.spec.extra,  # type: ignore[arg-type]
+        )
+        await self.system.ensure_consumer(self.spec.stream, config)
+        self._sub = await self.system.bus.nc.subscribe(
+            deliver, queue=self.spec.durable, cb=self._dispatch, pending_msgs_limit=100_000
+        )
+        self._heartbeat = asyncio.create_task(self._heartbeats(), name=f"{self.name}-heartbeat")
+
+    async def _dispatch(self, msg: Msg) -> None:
+        if not msg.reply:  # flow-control or idle-heartbeat status messages carry no ack subject
+            return
+        await self._slots.acquire()
+        task = asyncio.create_task(self._handle(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            self._held[id(msg)] = (msg, time.monotonic())
+            await self.receive(msg)
+        except asyncio.CancelledError:
+            # Stopping: leave the message for another worker, promptly.
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
+        except MessageError as exc:
+            await self._reject(msg, exc)
+        except Exception as exc:
+            await self._retry_later(msg, exc)
+        finally:
+            self._held.pop(id(msg), None)
+            self._slots.release()
+
+    async def _reject(self, msg: Msg, exc: BaseException) -> None:
+        reason = exc.reason if isinstance(exc, MessageError) else "poison"
+        try:
+            await self.system.dead_letter(msg, reason=reason, error=exc)
+            await msg.term()
+        except Exception as dlq_exc:
+            log.error("%s: could not dead-letter %s (%s); leaving it for redelivery", self.name, msg.subject, dlq_exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+        log.warning("%s: dead-lettered %s: %s: %s", self.name, msg.subject, type(exc).__name__, exc)
+        await self._notify_failure(msg, exc)
+
+    async def _retry_later(self, msg: Msg, exc: BaseException) -> None:
+        delivered = _num_delivered(msg)
+        if delivered >= self.poison_after and not isinstance(exc, TRANSIENT):
+            await self._reject(msg, exc)
+            return
+        delay = min(0.05 * 2**delivered, 10.0)
+        level = logging.DEBUG if isinstance(exc, TRANSIENT | FlowError) else logging.ERROR
+        log.log(level, "%s: %s failed (%s: %s); redelivery in %.2fs", self.name, msg.subject,
+                type(exc).__name__, exc, delay, exc_info=level == logging.ERROR)
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=delay)
+        await self._notify_failure(msg, exc)
+
+    async def _notify_failure(self, msg: Msg, exc: BaseException) -> None:
+        try:
+            await self.on_failure(msg, exc)
+        except Exception:
+            log.exception("%s: on_failure raised", self.name)
+
+    async def _heartbeats(self) -> None:
+        interval = self.spec.ack_wait / 3
+        while True:
+            await asyncio.sleep(interval)
+            threshold = time.monotonic() - interval
+            for msg, since in list(self._held.values()):
+                if since < threshold:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking messages, let in-flight ones finish for ``grace`` seconds, then release the rest
+        (nak'd, so another worker takes them at once). Pending work fails with :class:`ActorStopped`."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel(msg=str(ActorStopped(f"actor {self.name} stopped before this message finished")))
+            if pending:
+                await asyncio.wait(pending, timeout=5.0)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        try:
+            await self.on_stop()
+        except Exception:
+            log.exception("%s: on_stop raised", self.name)
+
+
+def _num_delivered(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:
+        return 1

@@ -1,0 +1,55 @@
+"""The records actors keep in KV and the payloads of their events, as plain dicts (msgpack-friendly).
+
+Kept as functions over dicts rather than classes: these sit on the hot path, and a dict is what the
+codec reads and writes anyway.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+from flow_orchestrator._errors import NonRetryableError, RetryAfter
+from flow_orchestrator.runtime._retry import RetryPolicy
+from flow_orchestrator.runtime._status import NodeStatus
+
+RUNNING = NodeStatus.RUNNING.value
+PENDING = NodeStatus.PENDING.value
+COMPLETED = NodeStatus.COMPLETED.value
+FAILED = NodeStatus.FAILED.value
+RETRYING = NodeStatus.RETRYING.value
+CANCELLED = NodeStatus.CANCELLED.value
+
+
+def running(attempt: int, holder: int, worker: str, arrived: list[str] | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {"status": RUNNING, "attempt": attempt, "holder": holder, "worker": worker,
+                              "started_at": time.time()}
+    if arrived is not None:
+        record["arrived"] = arrived
+    return record
+
+
+def error_info(exc: BaseException, policy: RetryPolicy) -> dict[str, Any]:
+    """What a failed attempt reports: type, message, whether a retry may help, and a requested delay."""
+    name = type(exc).__name__
+    retryable = not isinstance(exc, NonRetryableError) and policy.is_retryable(name)
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8)
+    return {
+        "type": name,
+        "message": str(exc)[:2000],
+        "retryable": retryable,
+        "retry_after": exc.delay if isinstance(exc, RetryAfter) else None,
+        "traceback": "".join(tb)[-4000:],
+    }
+
+
+def policy_dict(policy: RetryPolicy) -> dict[str, Any]:
+    return {
+        "max_attempts": policy.max_attempts, "initial": policy.initial, "backoff": policy.backoff,
+        "max_delay": policy.max_delay, "jitter": policy.jitter, "non_retryable": list(policy.non_retryable),
+    }
+
+
+def policy_from(data: dict[str, Any]) -> RetryPolicy:
+    return RetryPolicy(**{**data, "non_retryable": tuple(data.get("non_retryable", ()))})

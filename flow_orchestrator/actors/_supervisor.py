@@ -1,0 +1,158 @@
+"""``SupervisorActor``: decides what a failure means and when a run is over.
+
+It consumes a workflow's ``attempt_failed`` events, its sinks' ``completed`` events and cancel
+requests. A retry is a *scheduled message* (``Nats-Schedule: @at ...``) stored in the events stream,
+so the backoff delay survives any worker restart; the server delivers it as the node's ``retry``
+event when due. A final failure either releases downstream nodes (continue-on-error) or fails the run
+at once (fail-fast). Every run-level change is a compare-and-set on the run record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from flow_orchestrator.actors import _records as rec
+from flow_orchestrator.actors._actor import Actor, ConsumerSpec
+from flow_orchestrator.actors._system import ActorSystem
+from flow_orchestrator.bus._codec import decode
+from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
+from flow_orchestrator.runtime._status import RunStatus
+from flow_orchestrator.runtime._workflow import WorkflowDefinition
+
+SCHEDULE = "Nats-Schedule"
+SCHEDULE_TARGET = "Nats-Schedule-Target"
+_RUNNING = RunStatus.RUNNING.value
+
+
+def schedule_time(delay: float, now: float | None = None) -> str:
+    """An ``@at`` schedule expression ``delay`` seconds from now (RFC 3339, UTC, microseconds)."""
+    when = dt.datetime.fromtimestamp((now or time.time()) + delay, tz=dt.UTC)
+    return "@at " + when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class SupervisorActor(Actor):
+    def __init__(self, system: ActorSystem, definition: WorkflowDefinition, **options: Any) -> None:
+        names = system.names
+        wf = definition.name
+        self.sinks = frozenset(definition.sinks)
+        subjects = [names.event(wf, "*", "*", "attempt_failed"), names.run_event(wf, "*", "cancel")]
+        subjects += [names.event(wf, "*", sink, "completed") for sink in definition.sinks]
+        super().__init__(
+            system,
+            ConsumerSpec(stream=names.events_stream, durable=names.supervisor_consumer(wf),
+                         filter_subjects=tuple(subjects)),
+            **options,
+        )
+        self.definition = definition
+
+    async def receive(self, msg: Msg) -> None:
+        _, run_id, node, kind = parse_event_subject(msg.subject)
+        payload = decode(msg.data) if msg.data else {}
+        if node == RUN_TOKEN and kind == "cancel":
+            await self._cancel(run_id, payload)
+        elif kind == "attempt_failed":
+            await self._attempt_failed(run_id, node, payload)
+        elif kind == "completed" and node in self.sinks:
+            await self._sink_resolved(run_id, node, payload.get("output"))
+        await msg.ack()
+
+    async def _attempt_failed(self, run_id: str, node: str, payload: dict[str, Any]) -> None:
+        attempt = int(payload["attempt"])
+        error = payload.get("error") or {}
+        if payload.get("retry"):
+            policy = rec.policy_from(payload.get("policy") or {})
+            requested = error.get("retry_after")
+            delay = min(float(requested), policy.max_delay) if requested is not None else policy.delay(attempt)
+            await self._schedule_retry(run_id, node, attempt + 1, delay, payload)
+            return
+        spec = self.definition.nodes[node]
+        if spec.continue_on_error:
+            await self.system.emit(
+                self._subject(run_id, node, "failed"),
+                {"output": None, "input": payload.get("input"), "error": error, "attempt": attempt},
+                msg_id=f"{run_id}.{node}.failed",
+            )
+            if node in self.sinks:
+                await self._sink_resolved(run_id, node, None)
+            return
+        await self._fail_run(run_id, node, error)
+
+    async def _schedule_retry(self, run_id: str, node: str, attempt: int, delay: float,
+                              payload: dict[str, Any]) -> None:
+        names = self.system.names
+        body = {"attempt": attempt, "input": payload.get("input"), "outputs": payload.get("outputs") or {}}
+        target = self._subject(run_id, node, "retry")
+        await self.system.emit(self._subject(run_id, node, "retrying"),
+                               {"attempt": attempt - 1, "next_attempt": attempt, "delay": delay,
+                                "error": payload.get("error")}, durable=False)
+        if delay <= 0:
+            await self.system.emit(target, body, msg_id=f"{run_id}.{node}.{attempt}.retry")
+            return
+        await self.system.emit(
+            names.schedule(self.definition.name, run_id, node, attempt), body,
+            msg_id=f"{run_id}.{node}.{attempt}.schedule",
+            headers={SCHEDULE: schedule_time(delay), SCHEDULE_TARGET: target},
+        )
+
+    async def _fail_run(self, run_id: str, node: str, error: dict[str, Any]) -> None:
+        info = {"node": node, "type": error.get("type"), "message": error.get("message")}
+
+        def fail(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is None or current.get("status") != _RUNNING:
+                return None
+            return {**current, "status": RunStatus.FAILED.value, "error": info, "finished_at": time.time()}
+
+        written, _ = await self.system.store.mutate(Names.run_key(run_id), fail)
+        await self._announce_end(run_id, written)
+
+    async def _sink_resolved(self, run_id: str, sink: str, output: Any) -> None:
+        def resolve(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is None or current.get("status") != _RUNNING:
+                return None
+            results = dict(current.get("results") or {})
+            if sink in results:
+                return None
+            results[sink] = output
+            new = {**current, "results": results}
+            if self.sinks.issubset(results):
+                new.update(status=RunStatus.COMPLETED.value, finished_at=time.time())
+            return new
+
+        written, _ = await self.system.store.mutate(Names.run_key(run_id), resolve)
+        if written is None or written["status"] != _RUNNING:
+            await self._announce_end(run_id, written)
+
+    async def _cancel(self, run_id: str, payload: dict[str, Any]) -> None:
+        def cancel(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is None or current.get("status") != _RUNNING:
+                return None
+            return {**current, "status": RunStatus.CANCELLED.value, "finished_at": time.time(),
+                    "error": {"type": "RunCancelled", "message": payload.get("reason") or "cancelled"}}
+
+        written, _ = await self.system.store.mutate(Names.run_key(run_id), cancel)
+        await self._announce_end(run_id, written)
+
+    async def _announce_end(self, run_id: str, written: dict[str, Any] | None) -> None:
+        """Publish the run's terminal event. Also when this delivery changed nothing (``written`` is
+        None): a redelivery after a crash between the record write and the event must still announce
+        it; the message id makes a repeat harmless."""
+        record = written
+        if record is None:
+            current = await self.system.store.get(Names.run_key(run_id))
+            record = current.value if current else None
+        if record is None or record.get("status") == _RUNNING:
+            return
+        status = record["status"]
+        body = {"results": record.get("results")} if status == RunStatus.COMPLETED.value else {
+            "error": record.get("error")}
+        await self.system.emit(self._run_subject(run_id, status), body, msg_id=f"{run_id}.run.{status}")
+
+    def _subject(self, run_id: str, node: str, kind: str) -> str:
+        return self.system.names.event(self.definition.name, run_id, node, kind)
+
+    def _run_subject(self, run_id: str, kind: str) -> str:
+        return self.system.names.run_event(self.definition.name, run_id, kind)

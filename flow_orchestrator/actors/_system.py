@@ -1,0 +1,159 @@
+"""The actor system: what a worker's actors share (bus, names, state, interceptor chain, run gate)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import nats.js.errors as js_errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerConfig
+
+from flow_orchestrator.bus._codec import encode
+from flow_orchestrator.bus._connection import Bus
+from flow_orchestrator.bus._dlq import dead_letter
+from flow_orchestrator.bus._interceptors import InterceptorChain
+from flow_orchestrator.bus._kv import StateStore
+from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
+from flow_orchestrator.bus.types import PublishInput
+
+log = logging.getLogger("flow_orchestrator.actors")
+MSG_ID = "Nats-Msg-Id"
+
+
+class RunGate:
+    """Which runs this worker knows to be closed (failed or cancelled), so no new attempt starts for
+    them, and which attempt tasks to cancel when a run is cancelled. Bounded, best-effort cache fed by
+    the run journal; the durable truth stays in the run record."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._closed: OrderedDict[str, str] = OrderedDict()
+        self._capacity = capacity
+        self._attempts: dict[str, set[asyncio.Task[Any]]] = {}
+
+    def close(self, run_id: str, status: str) -> None:
+        self._closed[run_id] = status
+        self._closed.move_to_end(run_id)
+        while len(self._closed) > self._capacity:
+            self._closed.popitem(last=False)
+        if status == "cancelled":
+            for task in self._attempts.pop(run_id, set()):
+                task.cancel("run cancelled")
+
+    def closed(self, run_id: str) -> str | None:
+        return self._closed.get(run_id)
+
+    def track(self, run_id: str, task: asyncio.Task[Any]) -> None:
+        self._attempts.setdefault(run_id, set()).add(task)
+
+    def untrack(self, run_id: str, task: asyncio.Task[Any]) -> None:
+        tasks = self._attempts.get(run_id)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self._attempts[run_id]
+
+
+class ActorSystem:
+    """Shared services for one worker's actors."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        names: Names,
+        store: StateStore,
+        worker_id: str,
+        executor: ThreadPoolExecutor,
+        max_trigger_bytes: int,
+        unknown_workflow_grace: float,
+    ) -> None:
+        self.bus = bus
+        self.names = names
+        self.store = store
+        self.worker_id = worker_id
+        self.executor = executor
+        self.max_trigger_bytes = max_trigger_bytes
+        self.unknown_workflow_grace = unknown_workflow_grace
+        self.gate = RunGate()
+        self.chain: InterceptorChain  # set by the worker once interceptors are known
+        self._gate_subs: list[Subscription] = []
+
+    async def ensure_consumer(self, stream: str, config: ConsumerConfig) -> None:
+        """Create or update a durable consumer (idempotent across racing workers)."""
+        config.name = config.durable_name
+        try:
+            await self.bus.js.add_consumer(stream, config)
+        except js_errors.BadRequestError as exc:
+            # A consumer whose unchangeable settings differ (a new deliver policy): replace it.
+            log.warning("replacing consumer %s on %s: %s", config.durable_name, stream, exc.description)
+            with contextlib.suppress(js_errors.NotFoundError):
+                await self.bus.js.delete_consumer(stream, str(config.durable_name))
+            await self.bus.js.add_consumer(stream, config)
+
+    async def emit(
+        self,
+        subject: str,
+        payload: Any,
+        *,
+        msg_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        durable: bool = True,
+    ) -> None:
+        """Publish an event through the interceptor chain. ``durable`` waits for JetStream's ack (and
+        dedups by ``msg_id``); journal-only events are published without waiting."""
+        all_headers = dict(headers or {})
+        if msg_id is not None:
+            all_headers[MSG_ID] = msg_id
+        await self.chain.publish(PublishInput(subject, payload, all_headers) if durable else
+                                 PublishInput(subject, payload, {**all_headers, "Flow-Journal": "1"}))
+
+    async def publish_terminal(self, message: PublishInput) -> None:
+        """The innermost publish: encode and send."""
+        headers = message.headers
+        journal = headers.pop("Flow-Journal", None) is not None
+        data = encode(message.payload)
+        if journal:
+            await self.bus.nc.publish(message.subject, data, headers=headers or None)
+        else:
+            await self.bus.js.publish(message.subject, data, headers=headers or None)
+
+    async def dead_letter(self, msg: Msg, *, reason: str, error: BaseException | str) -> int:
+        workflow, run_id = _workflow_and_run(msg.subject, self.names)
+        return await dead_letter(
+            self.bus.js, self.names, msg, workflow=workflow, reason=reason, error=error, run_id=run_id
+        )
+
+    async def open_gate(self) -> None:
+        """Follow run-level terminal events so closed runs start no new attempts on this worker."""
+
+        async def on_run_event(msg: Msg) -> None:
+            with contextlib.suppress(ValueError):
+                _, run_id, _, kind = parse_event_subject(msg.subject)
+                self.gate.close(run_id, kind)
+
+        for kind in ("failed", "cancelled"):
+            self._gate_subs.append(
+                await self.bus.nc.subscribe(f"{self.names.prefix}.evt.*.*.{RUN_TOKEN}.{kind}", cb=on_run_event)
+            )
+
+    async def close_gate(self) -> None:
+        for sub in self._gate_subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._gate_subs.clear()
+
+
+def _workflow_and_run(subject: str, names: Names) -> tuple[str, str | None]:
+    parts = subject.split(".")
+    if len(parts) >= 3 and parts[1] == "trigger":
+        return parts[2], None
+    if len(parts) == 6 and parts[1] == "evt":
+        return parts[2], parts[3]
+    return "_unknown", None

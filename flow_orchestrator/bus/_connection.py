@@ -1,0 +1,67 @@
+"""The NATS connection: reconnects forever, logs its life, and drains on shutdown."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+log = logging.getLogger("flow_orchestrator.bus")
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+
+@dataclass(slots=True)
+class Bus:
+    """An open connection and its JetStream context."""
+
+    nc: NatsClient
+    js: JetStreamContext
+
+    async def close(self) -> None:
+        """Drain: flush what was published and deliver what was received, then close."""
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception as exc:  # draining a broken connection: close is all that is left
+                log.debug("drain failed (%s); closing", exc)
+                await self.nc.close()
+
+
+def _split_urls(url: str) -> list[str]:
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+async def connect(
+    url: str = DEFAULT_URL,
+    *,
+    name: str = "flow-orchestrator",
+    connect_timeout: float = 5.0,
+    user_credentials: str | None = None,
+) -> Bus:
+    """Connect to NATS (a comma-separated list of servers is fine) with reconnection on."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats connection error: %s", exc)
+
+    async def on_disconnected() -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def on_reconnected() -> None:
+        log.info("reconnected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
+
+    nc = await nats.connect(
+        servers=_split_urls(url),
+        name=name,
+        connect_timeout=connect_timeout,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        user_credentials=user_credentials,
+    )
+    return Bus(nc=nc, js=nc.jetstream())

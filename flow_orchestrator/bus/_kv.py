@@ -1,0 +1,114 @@
+"""Workflow state in JetStream KV: every write is a compare-and-set on the key's revision.
+
+One helper turns the server's "wrong last sequence" answer (error code 10071 on one replica, 10164 on
+some clustered paths) into our own :class:`StateConflict`, so callers never see nats-py's errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats.js.errors as js_errors
+from nats.js.kv import KeyValue
+
+from flow_orchestrator._errors import StateConflict
+from flow_orchestrator.bus._codec import decode, encode
+
+_CONFLICT_CODES = (10071, 10164)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    """A decoded value and the revision it was read at (the token for the next compare-and-set)."""
+
+    value: Any
+    revision: int
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    if isinstance(exc, js_errors.KeyWrongLastSequenceError):
+        return True
+    return isinstance(exc, js_errors.APIError) and exc.err_code in _CONFLICT_CODES
+
+
+class StateStore:
+    """Compare-and-set access to one KV bucket, values encoded with msgpack."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @property
+    def bucket(self) -> KeyValue:
+        return self._kv
+
+    async def get(self, key: str) -> Versioned | None:
+        """The current value and revision, or ``None`` when the key does not exist (or was deleted)."""
+        try:
+            entry = await self._kv.get(key, validate_keys=False)
+        except js_errors.KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return Versioned(decode(entry.value), entry.revision)
+
+    async def create(self, key: str, value: Any) -> int:
+        """Write ``value`` only if ``key`` has none; raise :class:`StateConflict` otherwise."""
+        try:
+            return await self._kv.create(key, encode(value), validate_keys=False)
+        except js_errors.APIError as exc:
+            if _is_conflict(exc):
+                raise StateConflict(f"state key {key!r} already exists") from exc
+            raise
+
+    async def update(self, key: str, value: Any, revision: int) -> int:
+        """Write ``value`` only if ``key`` is still at ``revision``; raise :class:`StateConflict` otherwise."""
+        try:
+            return await self._kv.update(key, encode(value), last=revision, validate_keys=False)
+        except js_errors.APIError as exc:
+            if _is_conflict(exc):
+                raise StateConflict(f"state key {key!r} changed since revision {revision}") from exc
+            raise
+
+    async def write(self, key: str, value: Any, revision: int | None) -> int:
+        """Compare-and-set: create when ``revision`` is ``None``, update otherwise."""
+        if revision is None:
+            return await self.create(key, value)
+        return await self.update(key, value, revision)
+
+    async def mutate(
+        self,
+        key: str,
+        change: Callable[[Any | None], Awaitable[T | None]] | Callable[[Any | None], T | None],
+        *,
+        attempts: int = 50,
+    ) -> tuple[T | None, int | None]:
+        """Read-modify-write with retries on conflict.
+
+        ``change`` receives the current value (``None`` if absent) and returns the new value, or
+        ``None`` to leave the key alone. Returns the value written (or ``None``) and its revision.
+        """
+        for _ in range(attempts):
+            current = await self.get(key)
+            result = change(current.value if current else None)
+            new = await result if isinstance(result, Awaitable) else result
+            if new is None:
+                return None, current.revision if current else None
+            try:
+                revision = await self.write(key, new, current.revision if current else None)
+            except StateConflict:
+                continue
+            return new, revision
+        raise StateConflict(f"state key {key!r} kept changing; gave up after {attempts} attempts")
+
+    async def delete(self, key: str) -> None:
+        await self._kv.delete(key, validate_keys=False)
+
+    async def keys(self, pattern: str) -> list[str]:
+        """Keys matching a subject-style pattern (``run.*``); an empty list when none match."""
+        try:
+            return list(await self._kv.keys(filters=[pattern]))
+        except js_errors.NoKeysError:
+            return []

@@ -1,0 +1,99 @@
+"""Provisioning of the streams and the KV bucket every worker and client relies on.
+
+Idempotent: creating what exists with the same settings is a no-op, changed settings are updated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nats.js.errors as js_errors
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from flow_orchestrator.bus._kv import StateStore
+from flow_orchestrator.bus._subjects import Names
+
+_STREAM_IN_USE = 10058
+DAY = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    """Replica count and retention; ``replicas=3`` for a NATS cluster, 1 for one server."""
+
+    replicas: int = 1
+    memory: bool = False
+    events_max_age: float = 7 * DAY
+    triggers_max_age: float = 7 * DAY
+    dlq_max_age: float = 30 * DAY
+    duplicate_window: float = 120.0
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except js_errors.BadRequestError as exc:
+        if exc.err_code != _STREAM_IN_USE:
+            raise
+        await js.update_stream(config)
+
+
+async def provision(js: JetStreamContext, names: Names, settings: StorageSettings) -> StateStore:
+    """Create or update the triggers, events and dead-letter streams and the state bucket."""
+    storage = StorageType.MEMORY if settings.memory else StorageType.FILE
+    common = {"num_replicas": settings.replicas, "storage": storage, "retention": RetentionPolicy.LIMITS}
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=names.triggers_stream,
+            subjects=[f"{names.prefix}.trigger.>"],
+            max_age=settings.triggers_max_age,
+            duplicate_window=settings.duplicate_window,
+            allow_direct=True,
+            **common,  # type: ignore[arg-type]
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=names.events_stream,
+            subjects=[f"{names.prefix}.evt.>", f"{names.prefix}.sched.>"],
+            max_age=settings.events_max_age,
+            duplicate_window=settings.duplicate_window,
+            allow_direct=True,
+            allow_msg_schedules=True,
+            allow_msg_ttl=True,
+            **common,  # type: ignore[arg-type]
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=names.dlq_stream,
+            subjects=[f"{names.prefix}.dlq.>"],
+            max_age=settings.dlq_max_age,
+            discard=DiscardPolicy.OLD,
+            allow_direct=True,
+            **common,  # type: ignore[arg-type]
+        ),
+    )
+    try:
+        kv = await js.key_value(names.state_bucket)
+    except js_errors.BucketNotFoundError:
+        kv = await js.create_key_value(
+            KeyValueConfig(
+                bucket=names.state_bucket,
+                history=1,
+                replicas=settings.replicas,
+                storage=storage,
+                direct=True,
+            )
+        )
+    return StateStore(kv)

@@ -1,0 +1,37 @@
+"""Workflow definitions, the DAG and status rules, WorkflowData, the client, the worker and the CLI."""
+
+from flow_orchestrator.runtime._builder import WorkflowBuilder
+from flow_orchestrator.runtime._client import Client, NodeSnapshot, RunHandle, RunSnapshot
+from flow_orchestrator.runtime._context import NodeContext
+from flow_orchestrator.runtime._data import KVWorkflowStore, WorkflowData, WorkflowStore
+from flow_orchestrator.runtime._interceptors import (
+    LoggingInterceptor,
+    PayloadValidationInterceptor,
+    RetryInterceptor,
+    TimeoutInterceptor,
+)
+from flow_orchestrator.runtime._retry import RetryPolicy
+from flow_orchestrator.runtime._status import NodeStatus, RunStatus
+from flow_orchestrator.runtime._worker import Worker
+from flow_orchestrator.runtime._workflow import NodeSpec, Workflow, WorkflowDefinition
+
+__all__ = [
+    "Client",
+    "KVWorkflowStore",
+    "LoggingInterceptor",
+    "NodeContext",
+    "NodeSnapshot",
+    "NodeSpec",
+    "PayloadValidationInterceptor",
+    "RetryInterceptor",
+    "RetryPolicy",
+    "RunHandle",
+    "RunSnapshot",
+    "RunStatus",
+    "TimeoutInterceptor",
+    "Worker",
+    "Workflow",
+    "WorkflowBuilder",
+    "WorkflowData",
+    "WorkflowDefinition",
+]

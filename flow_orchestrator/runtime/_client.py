@@ -1,0 +1,307 @@
+"""The client: start runs, wait for results, read statuses, cancel, list runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ValidationError
+
+from flow_orchestrator._errors import InvalidPayload, RunCancelled, RunFailed, RunNotFound, UnknownWorkflow
+from flow_orchestrator.bus._codec import CONTENT_TYPE, MSGPACK_TYPE, decode, encode
+from flow_orchestrator.bus._connection import DEFAULT_URL, Bus, connect
+from flow_orchestrator.bus._kv import StateStore
+from flow_orchestrator.bus._streams import StorageSettings, provision
+from flow_orchestrator.bus._subjects import Names, check_run_id, parse_event_subject
+from flow_orchestrator.runtime._status import NodeStatus, RunStatus, derive_node_statuses
+from flow_orchestrator.runtime._workflow import Workflow, shape_from_description
+
+_TERMINAL_RUN = {RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.CANCELLED.value}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSnapshot:
+    status: NodeStatus
+    attempts: int = 0
+    error: dict[str, Any] | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    output: Any = None
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+
+@dataclass(frozen=True, slots=True)
+class RunSnapshot:
+    """A run as seen now: its status and every node's (total over the DAG)."""
+
+    run_id: str
+    workflow: str
+    status: RunStatus
+    nodes: Mapping[str, NodeSnapshot] = field(default_factory=dict)
+    input: Any = None
+    results: Mapping[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    created_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        return {name: node.output for name, node in self.nodes.items() if node.status == NodeStatus.COMPLETED}
+
+    def to_json(self) -> dict[str, Any]:
+        """The document ``flowctl run/status --json`` prints."""
+        return {
+            "run_id": self.run_id,
+            "workflow": self.workflow,
+            "status": self.status.value,
+            "error": self.error,
+            "nodes": {
+                name: {
+                    "status": node.status.value,
+                    "attempts": node.attempts,
+                    "error": (node.error or {}).get("message") if node.error else None,
+                    "duration_ms": round(node.duration * 1000, 3) if node.duration is not None else None,
+                }
+                for name, node in self.nodes.items()
+            },
+            "outputs": self.outputs,
+        }
+
+
+class RunHandle:
+    """A started run. ``await handle.result()`` waits for it and returns its output."""
+
+    def __init__(self, client: Client, run_id: str, workflow: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.workflow = workflow
+
+    async def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until the run ends; return its run record."""
+        names = self.client.names
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def on_event(msg: Msg) -> None:
+            kind = parse_event_subject(msg.subject)[3]
+            if kind in _TERMINAL_RUN and not done.done():
+                done.set_result(None)
+
+        sub = await self.client.bus.nc.subscribe(names.run_event(self.workflow, self.run_id, "*"), cb=on_event)
+        try:
+            record = await self.client._run_record(self.run_id)
+            if record is None or record.get("status") not in _TERMINAL_RUN:
+                await asyncio.wait_for(done, timeout)
+                record = await self.client._run_record(self.run_id)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if record is None:
+            raise RunNotFound(f"run {self.run_id!r} has no record")
+        return record
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The run's output: its sink node's output (a dict by sink name when it has several).
+        Raises :class:`RunFailed` or :class:`RunCancelled` when the run did not complete."""
+        record = await self.wait(timeout)
+        status = record["status"]
+        if status == RunStatus.COMPLETED.value:
+            results: dict[str, Any] = record.get("results") or {}
+            return next(iter(results.values())) if len(results) == 1 else results
+        error = record.get("error") or {}
+        snapshot = await self.status()
+        if status == RunStatus.CANCELLED.value:
+            raise RunCancelled(f"run {self.run_id!r} of {self.workflow!r} was cancelled", snapshot)
+        raise RunFailed(
+            f"run {self.run_id!r} of {self.workflow!r} failed at node {error.get('node')!r}: "
+            f"{error.get('type')}: {error.get('message')}",
+            snapshot,
+        )
+
+    async def status(self) -> RunSnapshot:
+        return await self.client.snapshot(self.run_id)
+
+    async def cancel(self, reason: str | None = None) -> None:
+        """Ask the supervisor to cancel the run; running attempts are cancelled, the rest never start."""
+        names = self.client.names
+        await self.client.bus.js.publish(
+            names.run_event(self.workflow, self.run_id, "cancel"), encode({"reason": reason})
+        )
+
+
+class Client:
+    """Talks to the workflows hosted by workers. ``async with await Client.connect(url) as client``."""
+
+    def __init__(self, bus: Bus, store: StateStore, names: Names) -> None:
+        self.bus = bus
+        self.store = store
+        self.names = names
+        self._registry: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    async def connect(
+        cls, nats_url: str | None = None, *, prefix: str = "flow", storage: StorageSettings | None = None
+    ) -> Client:
+        names = Names(prefix)
+        bus = await connect(nats_url or os.environ.get("NATS_URL", DEFAULT_URL), name="flow-client")
+        try:
+            store = await provision(bus.js, names, storage or StorageSettings())
+        except BaseException:
+            await bus.close()
+            raise
+        return cls(bus, store, names)
+
+    async def close(self) -> None:
+        await self.bus.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def describe(self, workflow: str) -> dict[str, Any]:
+        """The registry record of a workflow (its nodes and edges), as its workers registered it."""
+        if workflow not in self._registry:
+            found = await self.store.get(Names.workflow_key(workflow))
+            if found is None:
+                raise UnknownWorkflow(
+                    f"no worker has registered workflow {workflow!r}; start one with `flowctl worker MODULE:ATTR`"
+                )
+            self._registry[workflow] = found.value
+        return self._registry[workflow]
+
+    async def start(self, workflow: str | Workflow, input: Any = None, *, run_id: str | None = None) -> RunHandle:
+        """Start a run (durably: it starts even if no worker is up yet, once one comes).
+
+        ``run_id`` is the idempotency key: starting twice with the same id starts one run.
+        """
+        name = workflow.name if isinstance(workflow, Workflow) else workflow
+        await self.describe(name)
+        if isinstance(workflow, Workflow) and workflow.input_model is not None:
+            input = _validate(workflow.input_model, input, name)
+        run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
+        await self.bus.js.publish(
+            self.names.trigger(name), encode(input),
+            headers={"Nats-Msg-Id": run_id, CONTENT_TYPE: MSGPACK_TYPE},
+        )
+        return RunHandle(self, run_id, name)
+
+    async def run(self, workflow: str | Workflow, input: Any = None, *, run_id: str | None = None,
+                  timeout: float | None = None) -> Any:
+        """Start a run and wait for its output."""
+        handle = await self.start(workflow, input, run_id=run_id)
+        return await handle.result(timeout)
+
+    def get_handle(self, run_id: str, workflow: str) -> RunHandle:
+        return RunHandle(self, check_run_id(run_id), workflow)
+
+    async def handle_for(self, run_id: str) -> RunHandle:
+        """A handle for an existing run, looking its workflow up in the run record."""
+        record = await self._run_record(run_id)
+        if record is None:
+            raise RunNotFound(f"no run with id {run_id!r} (it never started, or its record expired)")
+        return RunHandle(self, run_id, record["workflow"])
+
+    async def _run_record(self, run_id: str) -> dict[str, Any] | None:
+        found = await self.store.get(Names.run_key(check_run_id(run_id)))
+        return found.value if found else None
+
+    async def snapshot(self, run_id: str) -> RunSnapshot:
+        record = await self._run_record(run_id)
+        if record is None:
+            raise RunNotFound(f"no run with id {run_id!r} (it never started, or its record expired)")
+        description = await self.describe(record["workflow"])
+        shape = shape_from_description(description)
+        entries = await asyncio.gather(*(self.store.get(Names.node_key(run_id, n)) for n in shape.order))
+        raw = {n: e.value for n, e in zip(shape.order, entries, strict=True) if e is not None}
+        recorded = {n: NodeStatus(v["status"]) for n, v in raw.items()}
+        run_status = RunStatus(record["status"])
+        statuses = derive_node_statuses(shape, recorded, run_status)
+        nodes = {
+            n: NodeSnapshot(
+                status=statuses[n],
+                attempts=int(raw.get(n, {}).get("attempt", 0)),
+                error=raw.get(n, {}).get("error"),
+                started_at=raw.get(n, {}).get("started_at"),
+                finished_at=raw.get(n, {}).get("finished_at"),
+                output=raw.get(n, {}).get("output"),
+            )
+            for n in shape.order
+        }
+        return RunSnapshot(
+            run_id=run_id, workflow=record["workflow"], status=run_status, nodes=nodes, input=record.get("input"),
+            results=record.get("results") or {}, error=record.get("error"), created_at=record.get("created_at"),
+            finished_at=record.get("finished_at"),
+        )
+
+    async def list_runs(self, workflow: str | None = None, status: str | None = None,
+                        limit: int = 50) -> list[dict[str, Any]]:
+        """Recent runs, newest first: ``run_id``, ``workflow``, ``status``, times and error."""
+        keys = await self.store.keys("run.*")
+        semaphore = asyncio.Semaphore(64)
+
+        async def load(key: str) -> dict[str, Any] | None:
+            async with semaphore:
+                found = await self.store.get(key)
+            if found is None:
+                return None
+            value = found.value
+            return {
+                "run_id": key.split(".", 1)[1], "workflow": value.get("workflow"), "status": value.get("status"),
+                "created_at": value.get("created_at"), "finished_at": value.get("finished_at"),
+                "error": value.get("error"),
+            }
+
+        runs = [r for r in await asyncio.gather(*(load(k) for k in keys)) if r is not None]
+        if workflow is not None:
+            runs = [r for r in runs if r["workflow"] == workflow]
+        if status is not None:
+            runs = [r for r in runs if r["status"] == status]
+        runs.sort(key=lambda r: r.get("created_at") or 0.0, reverse=True)
+        return runs[:limit]
+
+    async def journal(self, run_id: str, workflow: str) -> list[dict[str, Any]]:
+        """Every event of a run, in order (read from the events stream)."""
+        events: list[dict[str, Any]] = []
+        sub = await self.bus.js.subscribe(
+            self.names.events_of_run(workflow, run_id), ordered_consumer=True, stream=self.names.events_stream
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except TimeoutError:
+                    break
+                _, _, node, kind = parse_event_subject(msg.subject)
+                events.append({"node": node, "kind": kind, "at": msg.metadata.timestamp,
+                               "data": decode(msg.data) if msg.data else None})
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
+        return events
+
+
+def _validate(model: type[Any], value: Any, workflow: str) -> Any:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        if isinstance(value, model):
+            return value.model_dump(mode="json")
+        try:
+            return model.model_validate(value).model_dump(mode="json")
+        except ValidationError as exc:
+            raise InvalidPayload(f"input for workflow {workflow!r} does not match {model.__name__}: {exc}") from exc
+    return value

@@ -1,0 +1,191 @@
+"""The worker process: connects, provisions, registers its workflows and hosts their actors.
+
+SIGINT/SIGTERM drain it: consumers stop delivering, in-flight attempts finish (up to the grace
+period), and whatever could not finish is released unacknowledged for another worker. Nothing is
+acknowledged before its effect is durable, so a drain (or a kill) loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+from flow_orchestrator._errors import StateConflict
+from flow_orchestrator.actors._actor import Actor
+from flow_orchestrator.actors._node import NodeActor
+from flow_orchestrator.actors._supervisor import SupervisorActor
+from flow_orchestrator.actors._system import ActorSystem
+from flow_orchestrator.actors._trigger import TriggerActor, TriggerRouter
+from flow_orchestrator.bus._codec import DEFAULT_MAX_PAYLOAD
+from flow_orchestrator.bus._connection import DEFAULT_URL, Bus, connect
+from flow_orchestrator.bus._interceptors import Interceptor, InterceptorChain
+from flow_orchestrator.bus._streams import StorageSettings, provision
+from flow_orchestrator.bus._subjects import Names
+from flow_orchestrator.runtime._interceptors import PayloadValidationInterceptor, accept_trigger, run_action
+from flow_orchestrator.runtime._workflow import Workflow, WorkflowDefinition
+
+log = logging.getLogger("flow_orchestrator.worker")
+
+
+def _rfc3339(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Worker:
+    """Hosts workflows' actors on NATS. ``async with Worker(...)`` or ``await worker.run()``.
+
+    Args:
+        workflows: one workflow or several.
+        nats_url: server URL(s), comma-separated; default ``$NATS_URL`` or ``nats://127.0.0.1:4222``.
+        interceptors: message interceptors, first = outermost.
+        prefix: subject/stream prefix, to share one NATS account between isolated deployments.
+        storage: replicas (3 on a cluster) and retention.
+        concurrency: messages one actor handles at once on this worker.
+        unknown_workflow_grace: seconds a trigger for an unregistered workflow waits before being
+            dead-lettered (a worker hosting it may be starting).
+        shutdown_grace: seconds in-flight attempts get to finish when the worker stops.
+    """
+
+    def __init__(
+        self,
+        workflows: Workflow | Sequence[Workflow],
+        *,
+        nats_url: str | None = None,
+        interceptors: Sequence[Interceptor] = (),
+        prefix: str = "flow",
+        storage: StorageSettings | None = None,
+        concurrency: int = 256,
+        max_trigger_bytes: int = DEFAULT_MAX_PAYLOAD,
+        unknown_workflow_grace: float = 30.0,
+        ack_wait: float = 30.0,
+        shutdown_grace: float = 30.0,
+        sync_threads: int = 32,
+        worker_id: str | None = None,
+    ) -> None:
+        items = [workflows] if isinstance(workflows, Workflow) else list(workflows)
+        self.definitions: list[WorkflowDefinition] = [wf.definition for wf in items]
+        self.nats_url = nats_url or os.environ.get("NATS_URL", DEFAULT_URL)
+        self.interceptors = list(interceptors)
+        self.names = Names(prefix)
+        self.storage = storage or StorageSettings()
+        self.concurrency = concurrency
+        self.max_trigger_bytes = max_trigger_bytes
+        self.unknown_workflow_grace = unknown_workflow_grace
+        self.ack_wait = ack_wait
+        self.shutdown_grace = shutdown_grace
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._executor = ThreadPoolExecutor(max_workers=sync_threads, thread_name_prefix="flow-action")
+        self._bus: Bus | None = None
+        self._actors: list[Actor] = []
+        self._stopped = asyncio.Event()
+        self.system: ActorSystem | None = None
+
+    async def start(self) -> None:
+        """Connect, provision streams and state, register the workflows, start every actor."""
+        self._bus = await connect(self.nats_url, name=f"flow-worker {self.worker_id}")
+        store = await provision(self._bus.js, self.names, self.storage)
+        system = ActorSystem(
+            bus=self._bus, names=self.names, store=store, worker_id=self.worker_id, executor=self._executor,
+            max_trigger_bytes=self.max_trigger_bytes, unknown_workflow_grace=self.unknown_workflow_grace,
+        )
+        chain = [*self.interceptors]
+        if not any(isinstance(i, PayloadValidationInterceptor) for i in chain):
+            chain.append(PayloadValidationInterceptor())
+        system.chain = InterceptorChain(
+            chain, receive_trigger=accept_trigger, execute_node=run_action, publish=system.publish_terminal
+        )
+        self.system = system
+        await system.open_gate()
+        options = {"concurrency": self.concurrency}
+        for definition in self.definitions:
+            registered_at = await self._register(system, definition)
+            start_time = _rfc3339(max(0.0, registered_at - self.unknown_workflow_grace))
+            self._actors.append(SupervisorActor(system, definition, **options))
+            for spec in definition.nodes.values():
+                self._actors.append(NodeActor(system, definition, spec, ack_wait=self.ack_wait, **options))
+            self._actors.append(TriggerActor(system, definition, start_time=start_time, **options))
+        self._actors.append(TriggerRouter(system, **options))
+        # Node actors first and triggers last, so no run starts before its nodes listen.
+        for actor in self._actors:
+            await actor.start()
+        log.info("worker %s hosting %s on %s", self.worker_id, ", ".join(d.name for d in self.definitions),
+                 self.nats_url)
+
+    async def _register(self, system: ActorSystem, definition: WorkflowDefinition) -> float:
+        """Record the workflow in the registry; keep its first registration time (trigger ownership)."""
+        now = time.time()
+        key = Names.workflow_key(definition.name)
+        description = definition.describe()
+
+        def register(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is not None and current.get("hash") == description["hash"]:
+                return None
+            first = current["registered_at"] if current else now
+            return {**description, "registered_at": first, "updated_at": now}
+
+        for _ in range(3):
+            try:
+                await system.store.mutate(key, register)
+                break
+            except StateConflict:
+                continue
+        found = await system.store.get(key)
+        return float(found.value["registered_at"]) if found else now
+
+    async def stop(self) -> None:
+        """Drain: stop deliveries, let in-flight work finish (``shutdown_grace``), close the connection."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await asyncio.gather(*(actor.stop(self.shutdown_grace) for actor in reversed(self._actors)),
+                             return_exceptions=True)
+        self._actors.clear()
+        if self.system is not None:
+            await self.system.close_gate()
+        if self._bus is not None:
+            await self._bus.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("worker %s stopped", self.worker_id)
+
+    async def run(self) -> None:
+        """Start, serve until SIGINT or SIGTERM (or :meth:`stop`), then drain."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop_requested.set)
+        await self.start()
+        try:
+            waiters = [asyncio.create_task(stop_requested.wait()), asyncio.create_task(self._stopped.wait())]
+            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+        finally:
+            await self.stop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(actor.in_flight for actor in self._actors)
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
