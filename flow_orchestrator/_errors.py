@@ -21,8 +21,7 @@ class CycleError(WorkflowDefinitionError):
     def __init__(self, workflow: str, cycle: list[str]) -> None:
         self.cycle = cycle
         super().__init__(
-            f"workflow {workflow!r} has a dependency cycle: {' -> '.join(cycle)}; "
-            "remove one of these edges"
+            f"workflow {workflow!r} has a dependency cycle: {' -> '.join(cycle)}; remove one of these edges"
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class ConsumerSpec:
     max_deliver: int = 100
     max_ack_pending: int = 10_000
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL
-    opt_start_time: str | None = None
+    opt_start_time: datetime.datetime | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -133,7 +134,12 @@ class Actor:
             await self.system.dead_letter(msg, reason=reason, error=exc)
             await msg.term()
         except Exception as dlq_exc:
-            log.error("%s: could not dead-letter %s (%s); leaving it for redelivery", self.name, msg.subject, dlq_exc)
+            log.error(
+                "%s: could not dead-letter %s (%s); leaving it for redelivery",
+                self.name,
+                msg.subject,
+                dlq_exc,
+            )
             with contextlib.suppress(Exception):
                 await msg.nak(delay=1.0)
         log.warning("%s: dead-lettered %s: %s: %s", self.name, msg.subject, type(exc).__name__, exc)
@@ -146,8 +152,16 @@ class Actor:
             return
         delay = min(0.05 * 2**delivered, 10.0)
         level = logging.DEBUG if isinstance(exc, TRANSIENT | FlowError) else logging.ERROR
-        log.log(level, "%s: %s failed (%s: %s); redelivery in %.2fs", self.name, msg.subject,
-                type(exc).__name__, exc, delay, exc_info=level == logging.ERROR)
+        log.log(
+            level,
+            "%s: %s failed (%s: %s); redelivery in %.2fs",
+            self.name,
+            msg.subject,
+            type(exc).__name__,
+            exc,
+            delay,
+            exc_info=level == logging.ERROR,
+        )
         with contextlib.suppress(Exception):
             await msg.nak(delay=delay)
         await self._notify_failure(msg, exc)

@@ -26,6 +26,7 @@ from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode
+from flow_orchestrator.bus._kv import Versioned
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.bus.types import ExecuteNodeInput
 from flow_orchestrator.runtime._context import NodeContext
@@ -47,19 +48,28 @@ class Claim:
 class NodeActor(Actor):
     """Hosts one node on one worker; see the module docstring for the protocol."""
 
-    def __init__(self, system: ActorSystem, definition: WorkflowDefinition, spec: NodeSpec, **options: Any) -> None:
+    def __init__(
+        self, system: ActorSystem, definition: WorkflowDefinition, spec: NodeSpec, **options: Any
+    ) -> None:
         names = system.names
         wf = definition.name
         subjects = [names.event(wf, "*", up, "completed") for up in spec.upstreams]
-        subjects += [names.event(wf, "*", up, "failed") for up in spec.upstreams
-                     if definition.nodes[up].continue_on_error]
+        subjects += [
+            names.event(wf, "*", up, "failed")
+            for up in spec.upstreams
+            if definition.nodes[up].continue_on_error
+        ]
         if not spec.upstreams:
             subjects.append(names.run_event(wf, "*", "started"))
         subjects.append(names.event(wf, "*", spec.name, "retry"))
         super().__init__(
             system,
-            ConsumerSpec(stream=names.events_stream, durable=names.node_consumer(wf, spec.name),
-                         filter_subjects=tuple(subjects), ack_wait=options.pop("ack_wait", 30.0)),
+            ConsumerSpec(
+                stream=names.events_stream,
+                durable=names.node_consumer(wf, spec.name),
+                filter_subjects=tuple(subjects),
+                ack_wait=options.pop("ack_wait", 30.0),
+            ),
             **options,
         )
         self.definition = definition
@@ -100,8 +110,9 @@ class NodeActor(Actor):
             return
         await self._run_attempt(msg, claim)
 
-    async def _claim_first(self, run_id: str, payload: dict[str, Any], seq: int,
-                           outputs: dict[str, Any]) -> Claim | None:
+    async def _claim_first(
+        self, run_id: str, payload: dict[str, Any], seq: int, outputs: dict[str, Any]
+    ) -> Claim | None:
         """Single upstream (or a root): one create claims attempt 1; no join record is needed."""
         record = rec.running(1, seq, self.system.worker_id)
         try:
@@ -154,55 +165,86 @@ class NodeActor(Actor):
             return Claim(run_id, attempt, revision, new, payload.get("input"), payload.get("outputs") or {})
         return await self._recover(run_id, payload, seq, payload.get("outputs"))
 
-    async def _recover(self, run_id: str, payload: dict[str, Any], seq: int,
-                       outputs: dict[str, Any] | None) -> Claim | None:
-        """The claim found an existing record: a duplicate, a lost attempt, or a half-finished one."""
-        key = self._key(run_id)
-        current = await self.system.store.get(key)
-        if current is None:
+    async def _recover(
+        self, run_id: str, payload: dict[str, Any], seq: int, outputs: dict[str, Any] | None
+    ) -> Claim | None:
+        """The claim found an existing record: a duplicate, a lost attempt, or a half-finished one.
+
+        Only the record's holder (the message that claimed the current attempt) may act on it; any
+        other message is a duplicate and is dropped.
+        """
+        current = await self.system.store.get(self._key(run_id))
+        if current is None or current.value.get("holder") != seq:
             return None
         record = current.value
         status = record.get("status")
-        if record.get("holder") != seq:
-            return None  # another message owns this node's progress; this one is a duplicate
         if status == rec.COMPLETED:
             # Finished, but the worker may have died before its completion event: publish it again
             # (deduplicated by message id if it did go out).
             await self._announce_completed(run_id, record, payload.get("input"))
-            return None
-        if status in (rec.RETRYING, rec.FAILED):
+        elif status in (rec.RETRYING, rec.FAILED):
             await self._announce_failure(run_id, record, payload.get("input"), outputs or {})
-            return None
-        if status != rec.RUNNING:
-            return None
-        # The holder came back: its worker lost the attempt. Resume as the next attempt.
+        elif status == rec.RUNNING:
+            return await self._resume_lost(run_id, current, seq=seq, payload=payload, outputs=outputs)
+        return None
+
+    async def _resume_lost(
+        self,
+        run_id: str,
+        current: Versioned,
+        *,
+        seq: int,
+        payload: dict[str, Any],
+        outputs: dict[str, Any] | None,
+    ) -> Claim | None:
+        """The holder came back while its attempt was running: that worker lost it. Resume as the
+        next attempt; the compare-and-set fences the old worker out if it is merely slow."""
+        record, revision = current.value, current.revision
         attempt = int(record["attempt"]) + 1
-        new = {**rec.running(attempt, seq, self.system.worker_id), "arrived": record.get("arrived"),
-               "lost": [*record.get("lost", []), {"attempt": attempt - 1, "worker": record.get("worker")}]}
+        lost = {"attempt": attempt - 1, "worker": record.get("worker")}
+        new = {
+            **rec.running(attempt, seq, self.system.worker_id),
+            "arrived": record.get("arrived"),
+            "lost": [*record.get("lost", []), lost],
+        }
         try:
-            revision = await self.system.store.update(key, new, current.revision)
+            new_revision = await self.system.store.update(self._key(run_id), new, revision)
         except StateConflict:
             return None
-        await self.system.emit(self._subject(run_id, "lost"),
-                               {"attempt": attempt - 1, "worker": record.get("worker")}, durable=False)
+        await self.system.emit(self._subject(run_id, "lost"), lost, durable=False)
         if outputs is None:
             outputs = await self._gather_outputs(run_id, {})
-        return Claim(run_id, attempt, revision, new, payload.get("input"), outputs)
+        return Claim(run_id, attempt, new_revision, new, payload.get("input"), outputs)
 
     # --- running --------------------------------------------------------------------------------
     async def _run_attempt(self, msg: Msg, claim: Claim) -> None:
         ctx = NodeContext(
-            workflow=self.definition.name, run_id=claim.run_id, node=self.node.name, attempt=claim.attempt,
-            raw_input=claim.raw_input, input_model=self.definition.input_model, outputs=claim.outputs,
+            workflow=self.definition.name,
+            run_id=claim.run_id,
+            node=self.node.name,
+            attempt=claim.attempt,
+            raw_input=claim.raw_input,
+            input_model=self.definition.input_model,
+            outputs=claim.outputs,
             data=WorkflowData(self.system.store, claim.run_id),
         )
         request = ExecuteNodeInput(
-            workflow=self.definition.name, run_id=claim.run_id, node=self.node.name, attempt=claim.attempt,
-            context=ctx, action=self._action, headers=msg.headers or {}, timeout=self.node.timeout,
-            retry=self.node.retry, output_model=self.node.output_model,
+            workflow=self.definition.name,
+            run_id=claim.run_id,
+            node=self.node.name,
+            attempt=claim.attempt,
+            context=ctx,
+            action=self._action,
+            headers=msg.headers or {},
+            timeout=self.node.timeout,
+            retry=self.node.retry,
+            output_model=self.node.output_model,
         )
-        await self.system.emit(self._subject(claim.run_id, "started"),
-                               {"attempt": claim.attempt, "worker": self.system.worker_id}, durable=False)
+        await self.system.emit(
+            self._subject(claim.run_id, "started"),
+            {"attempt": claim.attempt, "worker": self.system.worker_id},
+            durable=False,
+        )
         task = asyncio.current_task()
         assert task is not None
         self.system.gate.track(claim.run_id, task)
@@ -237,12 +279,19 @@ class NodeActor(Actor):
             msg_id=f"{run_id}.{self.node.name}.completed",
         )
 
-    async def _finish_failed(self, msg: Msg, claim: Claim, request: ExecuteNodeInput, exc: BaseException) -> None:
+    async def _finish_failed(
+        self, msg: Msg, claim: Claim, request: ExecuteNodeInput, exc: BaseException
+    ) -> None:
         policy = request.retry or NO_RETRY
         error = rec.error_info(exc, policy)
         retry = bool(error["retryable"]) and policy.allows_another(claim.attempt)
-        record = {**claim.record, "status": rec.RETRYING if retry else rec.FAILED, "error": error,
-                  "finished_at": time.time(), "policy": rec.policy_dict(policy)}
+        record = {
+            **claim.record,
+            "status": rec.RETRYING if retry else rec.FAILED,
+            "error": error,
+            "finished_at": time.time(),
+            "policy": rec.policy_dict(policy),
+        }
         try:
             await self.system.store.update(self._key(claim.run_id), record, claim.revision)
         except StateConflict:
@@ -250,13 +299,20 @@ class NodeActor(Actor):
         await self._announce_failure(claim.run_id, record, claim.raw_input, claim.outputs)
         await msg.ack()
 
-    async def _announce_failure(self, run_id: str, record: dict[str, Any], raw_input: Any,
-                                outputs: dict[str, Any]) -> None:
+    async def _announce_failure(
+        self, run_id: str, record: dict[str, Any], raw_input: Any, outputs: dict[str, Any]
+    ) -> None:
         attempt = int(record["attempt"])
         await self.system.emit(
             self._subject(run_id, "attempt_failed"),
-            {"attempt": attempt, "error": record.get("error"), "retry": record["status"] == rec.RETRYING,
-             "policy": record.get("policy"), "input": raw_input, "outputs": outputs},
+            {
+                "attempt": attempt,
+                "error": record.get("error"),
+                "retry": record["status"] == rec.RETRYING,
+                "policy": record.get("policy"),
+                "input": raw_input,
+                "outputs": outputs,
+            },
             msg_id=f"{run_id}.{self.node.name}.{attempt}.attempt_failed",
         )
 

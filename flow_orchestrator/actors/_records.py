@@ -23,8 +23,13 @@ CANCELLED = NodeStatus.CANCELLED.value
 
 
 def running(attempt: int, holder: int, worker: str, arrived: list[str] | None = None) -> dict[str, Any]:
-    record: dict[str, Any] = {"status": RUNNING, "attempt": attempt, "holder": holder, "worker": worker,
-                              "started_at": time.time()}
+    record: dict[str, Any] = {
+        "status": RUNNING,
+        "attempt": attempt,
+        "holder": holder,
+        "worker": worker,
+        "started_at": time.time(),
+    }
     if arrived is not None:
         record["arrived"] = arrived
     return record
@@ -46,8 +51,12 @@ def error_info(exc: BaseException, policy: RetryPolicy) -> dict[str, Any]:
 
 def policy_dict(policy: RetryPolicy) -> dict[str, Any]:
     return {
-        "max_attempts": policy.max_attempts, "initial": policy.initial, "backoff": policy.backoff,
-        "max_delay": policy.max_delay, "jitter": policy.jitter, "non_retryable": list(policy.non_retryable),
+        "max_attempts": policy.max_attempts,
+        "initial": policy.initial,
+        "backoff": policy.backoff,
+        "max_delay": policy.max_delay,
+        "jitter": policy.jitter,
+        "non_retryable": list(policy.non_retryable),
     }
 
 

@@ -43,8 +43,11 @@ class SupervisorActor(Actor):
         subjects += [names.event(wf, "*", sink, "completed") for sink in definition.sinks]
         super().__init__(
             system,
-            ConsumerSpec(stream=names.events_stream, durable=names.supervisor_consumer(wf),
-                         filter_subjects=tuple(subjects)),
+            ConsumerSpec(
+                stream=names.events_stream,
+                durable=names.supervisor_consumer(wf),
+                filter_subjects=tuple(subjects),
+            ),
             **options,
         )
         self.definition = definition
@@ -66,7 +69,9 @@ class SupervisorActor(Actor):
         if payload.get("retry"):
             policy = rec.policy_from(payload.get("policy") or {})
             requested = error.get("retry_after")
-            delay = min(float(requested), policy.max_delay) if requested is not None else policy.delay(attempt)
+            delay = (
+                min(float(requested), policy.max_delay) if requested is not None else policy.delay(attempt)
+            )
             await self._schedule_retry(run_id, node, attempt + 1, delay, payload)
             return
         spec = self.definition.nodes[node]
@@ -81,19 +86,23 @@ class SupervisorActor(Actor):
             return
         await self._fail_run(run_id, node, error)
 
-    async def _schedule_retry(self, run_id: str, node: str, attempt: int, delay: float,
-                              payload: dict[str, Any]) -> None:
+    async def _schedule_retry(
+        self, run_id: str, node: str, attempt: int, delay: float, payload: dict[str, Any]
+    ) -> None:
         names = self.system.names
         body = {"attempt": attempt, "input": payload.get("input"), "outputs": payload.get("outputs") or {}}
         target = self._subject(run_id, node, "retry")
-        await self.system.emit(self._subject(run_id, node, "retrying"),
-                               {"attempt": attempt - 1, "next_attempt": attempt, "delay": delay,
-                                "error": payload.get("error")}, durable=False)
+        await self.system.emit(
+            self._subject(run_id, node, "retrying"),
+            {"attempt": attempt - 1, "next_attempt": attempt, "delay": delay, "error": payload.get("error")},
+            durable=False,
+        )
         if delay <= 0:
             await self.system.emit(target, body, msg_id=f"{run_id}.{node}.{attempt}.retry")
             return
         await self.system.emit(
-            names.schedule(self.definition.name, run_id, node, attempt), body,
+            names.schedule(self.definition.name, run_id, node, attempt),
+            body,
             msg_id=f"{run_id}.{node}.{attempt}.schedule",
             headers={SCHEDULE: schedule_time(delay), SCHEDULE_TARGET: target},
         )
@@ -130,8 +139,12 @@ class SupervisorActor(Actor):
         def cancel(current: dict[str, Any] | None) -> dict[str, Any] | None:
             if current is None or current.get("status") != _RUNNING:
                 return None
-            return {**current, "status": RunStatus.CANCELLED.value, "finished_at": time.time(),
-                    "error": {"type": "RunCancelled", "message": payload.get("reason") or "cancelled"}}
+            return {
+                **current,
+                "status": RunStatus.CANCELLED.value,
+                "finished_at": time.time(),
+                "error": {"type": "RunCancelled", "message": payload.get("reason") or "cancelled"},
+            }
 
         written, _ = await self.system.store.mutate(Names.run_key(run_id), cancel)
         await self._announce_end(run_id, written)
@@ -147,8 +160,11 @@ class SupervisorActor(Actor):
         if record is None or record.get("status") == _RUNNING:
             return
         status = record["status"]
-        body = {"results": record.get("results")} if status == RunStatus.COMPLETED.value else {
-            "error": record.get("error")}
+        body = (
+            {"results": record.get("results")}
+            if status == RunStatus.COMPLETED.value
+            else {"error": record.get("error")}
+        )
         await self.system.emit(self._run_subject(run_id, status), body, msg_id=f"{run_id}.run.{status}")
 
     def _subject(self, run_id: str, node: str, kind: str) -> str:

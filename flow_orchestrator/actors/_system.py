@@ -111,8 +111,11 @@ class ActorSystem:
         all_headers = dict(headers or {})
         if msg_id is not None:
             all_headers[MSG_ID] = msg_id
-        await self.chain.publish(PublishInput(subject, payload, all_headers) if durable else
-                                 PublishInput(subject, payload, {**all_headers, "Flow-Journal": "1"}))
+        await self.chain.publish(
+            PublishInput(subject, payload, all_headers)
+            if durable
+            else PublishInput(subject, payload, {**all_headers, "Flow-Journal": "1"})
+        )
 
     async def publish_terminal(self, message: PublishInput) -> None:
         """The innermost publish: encode and send."""
@@ -140,7 +143,9 @@ class ActorSystem:
 
         for kind in ("failed", "cancelled"):
             self._gate_subs.append(
-                await self.bus.nc.subscribe(f"{self.names.prefix}.evt.*.*.{RUN_TOKEN}.{kind}", cb=on_run_event)
+                await self.bus.nc.subscribe(
+                    f"{self.names.prefix}.evt.*.*.{RUN_TOKEN}.{kind}", cb=on_run_event
+                )
             )
 
     async def close_gate(self) -> None:

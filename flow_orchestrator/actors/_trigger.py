@@ -8,6 +8,7 @@ redelivered trigger still maps to the same run.
 
 from __future__ import annotations
 
+import datetime
 import time
 from typing import Any
 
@@ -44,14 +45,24 @@ def run_id_for(msg: Msg) -> str:
 class TriggerActor(Actor):
     """Validates one workflow's triggers and creates their runs."""
 
-    def __init__(self, system: ActorSystem, definition: WorkflowDefinition, *, start_time: str,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        system: ActorSystem,
+        definition: WorkflowDefinition,
+        *,
+        start_time: datetime.datetime,
+        **options: Any,
+    ) -> None:
         names = system.names
         super().__init__(
             system,
-            ConsumerSpec(stream=names.triggers_stream, durable=names.trigger_consumer(definition.name),
-                         filter_subjects=(names.trigger(definition.name),),
-                         deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start_time),
+            ConsumerSpec(
+                stream=names.triggers_stream,
+                durable=names.trigger_consumer(definition.name),
+                filter_subjects=(names.trigger(definition.name),),
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                opt_start_time=start_time,
+            ),
             **options,
         )
         self.definition = definition
@@ -65,8 +76,12 @@ class TriggerActor(Actor):
         )
         seq = int(msg.metadata.sequence.stream)
         record: dict[str, Any] = {
-            "workflow": self.definition.name, "status": RunStatus.RUNNING.value, "input": validated,
-            "created_at": time.time(), "trigger_seq": seq, "results": {},
+            "workflow": self.definition.name,
+            "status": RunStatus.RUNNING.value,
+            "input": validated,
+            "created_at": time.time(),
+            "trigger_seq": seq,
+            "results": {},
         }
         if TRACEPARENT in headers:
             record["traceparent"] = headers[TRACEPARENT]
@@ -85,7 +100,8 @@ class TriggerActor(Actor):
         await self.system.emit(
             self.system.names.run_event(self.definition.name, run_id, "started"),
             {"input": record["input"], "created_at": record["created_at"]},
-            msg_id=f"{run_id}.run.started", headers=carried,
+            msg_id=f"{run_id}.run.started",
+            headers=carried,
         )
         await msg.ack()
 
@@ -102,8 +118,11 @@ class TriggerRouter(Actor):
         names = system.names
         super().__init__(
             system,
-            ConsumerSpec(stream=names.triggers_stream, durable=names.router_consumer,
-                         filter_subjects=(f"{names.prefix}.trigger.>",)),
+            ConsumerSpec(
+                stream=names.triggers_stream,
+                durable=names.router_consumer,
+                filter_subjects=(f"{names.prefix}.trigger.>",),
+            ),
             **options,
         )
         self._registered: dict[str, float] = {}

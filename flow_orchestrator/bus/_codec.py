@@ -25,7 +25,9 @@ def _default(value: Any) -> Any:
         return list(value)
     if isinstance(value, dt.datetime | dt.date):
         return value.isoformat()
-    raise TypeError(f"cannot encode a value of type {type(value).__name__}; use JSON-like data or a pydantic model")
+    raise TypeError(
+        f"cannot encode a value of type {type(value).__name__}; use JSON-like data or a pydantic model"
+    )
 
 
 _packer_options: dict[str, Any] = {"default": _default, "use_bin_type": True}
@@ -33,7 +35,7 @@ _packer_options: dict[str, Any] = {"default": _default, "use_bin_type": True}
 
 def encode(value: Any) -> bytes:
     """Encode a JSON-like value (pydantic models, sets and datetimes are converted) as msgpack."""
-    return msgpack.packb(value, **_packer_options)  # type: ignore[no-any-return]
+    return msgpack.packb(value, **_packer_options)
 
 
 def decode(data: bytes) -> Any:
@@ -44,7 +46,9 @@ def decode(data: bytes) -> Any:
         raise MalformedMessage(f"payload is not valid msgpack: {exc}") from exc
 
 
-def decode_trigger(data: bytes, headers: Mapping[str, str] | None, max_size: int = DEFAULT_MAX_PAYLOAD) -> Any:
+def decode_trigger(
+    data: bytes, headers: Mapping[str, str] | None, max_size: int = DEFAULT_MAX_PAYLOAD
+) -> Any:
     """Decode a trigger payload: JSON when ``Content-Type`` says so, msgpack otherwise."""
     if len(data) > max_size:
         raise PayloadTooLarge(f"trigger payload is {len(data)} bytes, above the {max_size}-byte limit")

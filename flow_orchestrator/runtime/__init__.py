@@ -22,6 +22,7 @@ __all__ = [
     "NodeContext",
     "NodeSnapshot",
     "NodeSpec",
+    "NodeStatus",
     "PayloadValidationInterceptor",
     "RetryInterceptor",
     "RetryPolicy",
@@ -34,4 +35,5 @@ __all__ = [
     "WorkflowBuilder",
     "WorkflowData",
     "WorkflowDefinition",
+    "WorkflowStore",
 ]

@@ -29,8 +29,13 @@ class WorkflowBuilder:
     ) -> WorkflowBuilder:
         self._nodes.append(
             {
-                "name": name, "action": action, "depends_on": [], "retry": retry, "timeout": timeout,
-                "continue_on_error": continue_on_error, "output_model": output_model,
+                "name": name,
+                "action": action,
+                "depends_on": [],
+                "retry": retry,
+                "timeout": timeout,
+                "continue_on_error": continue_on_error,
+                "output_model": output_model,
             }
         )
         return self

@@ -98,7 +98,9 @@ class RunHandle:
             if kind in _TERMINAL_RUN and not done.done():
                 done.set_result(None)
 
-        sub = await self.client.bus.nc.subscribe(names.run_event(self.workflow, self.run_id, "*"), cb=on_event)
+        sub = await self.client.bus.nc.subscribe(
+            names.run_event(self.workflow, self.run_id, "*"), cb=on_event
+        )
         try:
             record = await self.client._run_record(self.run_id)
             if record is None or record.get("status") not in _TERMINAL_RUN:
@@ -184,7 +186,9 @@ class Client:
             self._registry[workflow] = found.value
         return self._registry[workflow]
 
-    async def start(self, workflow: str | Workflow, input: Any = None, *, run_id: str | None = None) -> RunHandle:
+    async def start(
+        self, workflow: str | Workflow, input: Any = None, *, run_id: str | None = None
+    ) -> RunHandle:
         """Start a run (durably: it starts even if no worker is up yet, once one comes).
 
         ``run_id`` is the idempotency key: starting twice with the same id starts one run.
@@ -195,13 +199,20 @@ class Client:
             input = _validate(workflow.input_model, input, name)
         run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
         await self.bus.js.publish(
-            self.names.trigger(name), encode(input),
+            self.names.trigger(name),
+            encode(input),
             headers={"Nats-Msg-Id": run_id, CONTENT_TYPE: MSGPACK_TYPE},
         )
         return RunHandle(self, run_id, name)
 
-    async def run(self, workflow: str | Workflow, input: Any = None, *, run_id: str | None = None,
-                  timeout: float | None = None) -> Any:
+    async def run(
+        self,
+        workflow: str | Workflow,
+        input: Any = None,
+        *,
+        run_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Start a run and wait for its output."""
         handle = await self.start(workflow, input, run_id=run_id)
         return await handle.result(timeout)
@@ -243,13 +254,20 @@ class Client:
             for n in shape.order
         }
         return RunSnapshot(
-            run_id=run_id, workflow=record["workflow"], status=run_status, nodes=nodes, input=record.get("input"),
-            results=record.get("results") or {}, error=record.get("error"), created_at=record.get("created_at"),
+            run_id=run_id,
+            workflow=record["workflow"],
+            status=run_status,
+            nodes=nodes,
+            input=record.get("input"),
+            results=record.get("results") or {},
+            error=record.get("error"),
+            created_at=record.get("created_at"),
             finished_at=record.get("finished_at"),
         )
 
-    async def list_runs(self, workflow: str | None = None, status: str | None = None,
-                        limit: int = 50) -> list[dict[str, Any]]:
+    async def list_runs(
+        self, workflow: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
         """Recent runs, newest first: ``run_id``, ``workflow``, ``status``, times and error."""
         keys = await self.store.keys("run.*")
         semaphore = asyncio.Semaphore(64)
@@ -261,8 +279,11 @@ class Client:
                 return None
             value = found.value
             return {
-                "run_id": key.split(".", 1)[1], "workflow": value.get("workflow"), "status": value.get("status"),
-                "created_at": value.get("created_at"), "finished_at": value.get("finished_at"),
+                "run_id": key.split(".", 1)[1],
+                "workflow": value.get("workflow"),
+                "status": value.get("status"),
+                "created_at": value.get("created_at"),
+                "finished_at": value.get("finished_at"),
                 "error": value.get("error"),
             }
 
@@ -287,8 +308,14 @@ class Client:
                 except TimeoutError:
                     break
                 _, _, node, kind = parse_event_subject(msg.subject)
-                events.append({"node": node, "kind": kind, "at": msg.metadata.timestamp,
-                               "data": decode(msg.data) if msg.data else None})
+                events.append(
+                    {
+                        "node": node,
+                        "kind": kind,
+                        "at": msg.metadata.timestamp,
+                        "data": decode(msg.data) if msg.data else None,
+                    }
+                )
                 if msg.metadata.num_pending == 0:
                     break
         finally:
@@ -303,5 +330,7 @@ def _validate(model: type[Any], value: Any, workflow: str) -> Any:
         try:
             return model.model_validate(value).model_dump(mode="json")
         except ValidationError as exc:
-            raise InvalidPayload(f"input for workflow {workflow!r} does not match {model.__name__}: {exc}") from exc
+            raise InvalidPayload(
+                f"input for workflow {workflow!r} does not match {model.__name__}: {exc}"
+            ) from exc
     return value

@@ -17,7 +17,18 @@ class NodeContext:
     actions can hand it to external systems (payment APIs, emails) and make their effects exactly-once.
     """
 
-    __slots__ = ("_input", "_input_model", "_raw_input", "attempt", "data", "log", "node", "outputs", "run_id", "workflow")
+    __slots__ = (
+        "_input",
+        "_input_model",
+        "_raw_input",
+        "attempt",
+        "data",
+        "log",
+        "node",
+        "outputs",
+        "run_id",
+        "workflow",
+    )
 
     def __init__(
         self,
@@ -67,7 +78,10 @@ class NodeContext:
             ) from None
 
     def __repr__(self) -> str:
-        return f"NodeContext(workflow={self.workflow!r}, run_id={self.run_id!r}, node={self.node!r}, attempt={self.attempt})"
+        return (
+            f"NodeContext(workflow={self.workflow!r}, run_id={self.run_id!r}, node={self.node!r}, "
+            f"attempt={self.attempt})"
+        )
 
 
 _UNSET: Any = object()

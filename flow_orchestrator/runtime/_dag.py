@@ -29,7 +29,7 @@ def find_cycle(upstreams: Mapping[str, Sequence[str]]) -> list[str] | None:
                 colour[path.pop()] = black
                 iters.pop()
             elif colour.get(nxt, black) == grey:
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             elif colour.get(nxt) == white:
                 colour[nxt] = grey
                 path.append(nxt)
@@ -56,14 +56,20 @@ def topological_order(upstreams: Mapping[str, Sequence[str]]) -> tuple[str, ...]
     return tuple(order)
 
 
-def validate_graph(workflow: str, names: Sequence[str], upstreams: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+def validate_graph(
+    workflow: str, names: Sequence[str], upstreams: Mapping[str, Sequence[str]]
+) -> tuple[str, ...]:
     """Check a graph and return its topological order, or raise the error that names the problem."""
     if not names:
-        raise EmptyWorkflowError(f"workflow {workflow!r} has no nodes; add at least one with @workflow.node()")
+        raise EmptyWorkflowError(
+            f"workflow {workflow!r} has no nodes; add at least one with @workflow.node()"
+        )
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise DuplicateNodeError(f"workflow {workflow!r} defines node {name!r} twice; node names must be unique")
+            raise DuplicateNodeError(
+                f"workflow {workflow!r} defines node {name!r} twice; node names must be unique"
+            )
         seen.add(name)
     for name, deps in upstreams.items():
         for dep in deps:

@@ -116,7 +116,7 @@ class WorkflowData:
 
     async def keys(self) -> list[str]:
         prefix = Names.data_key(self._run_id, "")
-        return sorted(k[len(prefix):] for k in await self._store.keys(prefix + "*"))
+        return sorted(k[len(prefix) :] for k in await self._store.keys(prefix + "*"))
 
     async def to_dict(self) -> dict[str, Any]:
         return {key: await self.get(key) for key in await self.keys()}

@@ -31,22 +31,49 @@ class LoggingInterceptor(Interceptor):
 
     async def receive_trigger(self, input: TriggerInput, call_next: TriggerCall) -> Any:
         result = await call_next(input)
-        self.logger.log(self.level, "run %s of %s accepted", input.run_id, input.workflow,
-                        extra={"workflow": input.workflow, "run_id": input.run_id})
+        self.logger.log(
+            self.level,
+            "run %s of %s accepted",
+            input.run_id,
+            input.workflow,
+            extra={"workflow": input.workflow, "run_id": input.run_id},
+        )
         return result
 
     async def execute_node(self, input: ExecuteNodeInput, call_next: NodeCall) -> Any:
-        extra = {"workflow": input.workflow, "run_id": input.run_id, "node": input.node, "attempt": input.attempt}
+        extra = {
+            "workflow": input.workflow,
+            "run_id": input.run_id,
+            "node": input.node,
+            "attempt": input.attempt,
+        }
         started = time.perf_counter()
         try:
             result = await call_next(input)
         except Exception as exc:
-            self.logger.log(self.level, "%s/%s %s attempt %d failed after %.1fms: %s: %s", input.workflow,
-                            input.run_id, input.node, input.attempt, (time.perf_counter() - started) * 1e3,
-                            type(exc).__name__, exc, extra=extra)
+            self.logger.log(
+                self.level,
+                "%s/%s %s attempt %d failed after %.1fms: %s: %s",
+                input.workflow,
+                input.run_id,
+                input.node,
+                input.attempt,
+                (time.perf_counter() - started) * 1e3,
+                type(exc).__name__,
+                exc,
+                extra=extra,
+            )
             raise
-        self.logger.log(self.level, "%s/%s %s attempt %d completed in %.1fms", input.workflow, input.run_id,
-                        input.node, input.attempt, (time.perf_counter() - started) * 1e3, extra=extra)
+        self.logger.log(
+            self.level,
+            "%s/%s %s attempt %d completed in %.1fms",
+            input.workflow,
+            input.run_id,
+            input.node,
+            input.attempt,
+            (time.perf_counter() - started) * 1e3,
+            extra=extra,
+        )
         return result
 
 
@@ -110,7 +137,9 @@ class PayloadValidationInterceptor(Interceptor):
 
 
 def _summary(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5])
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5]
+    )
 
 
 async def accept_trigger(input: TriggerInput) -> Any:

@@ -38,10 +38,6 @@ from flow_orchestrator.runtime._workflow import Workflow, WorkflowDefinition
 log = logging.getLogger("flow_orchestrator.worker")
 
 
-def _rfc3339(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 class Worker:
     """Hosts workflows' actors on NATS. ``async with Worker(...)`` or ``await worker.run()``.
 
@@ -96,8 +92,13 @@ class Worker:
         self._bus = await connect(self.nats_url, name=f"flow-worker {self.worker_id}")
         store = await provision(self._bus.js, self.names, self.storage)
         system = ActorSystem(
-            bus=self._bus, names=self.names, store=store, worker_id=self.worker_id, executor=self._executor,
-            max_trigger_bytes=self.max_trigger_bytes, unknown_workflow_grace=self.unknown_workflow_grace,
+            bus=self._bus,
+            names=self.names,
+            store=store,
+            worker_id=self.worker_id,
+            executor=self._executor,
+            max_trigger_bytes=self.max_trigger_bytes,
+            unknown_workflow_grace=self.unknown_workflow_grace,
         )
         chain = [*self.interceptors]
         if not any(isinstance(i, PayloadValidationInterceptor) for i in chain):
@@ -110,7 +111,9 @@ class Worker:
         options = {"concurrency": self.concurrency}
         for definition in self.definitions:
             registered_at = await self._register(system, definition)
-            start_time = _rfc3339(max(0.0, registered_at - self.unknown_workflow_grace))
+            start_time = dt.datetime.fromtimestamp(
+                max(0.0, registered_at - self.unknown_workflow_grace), tz=dt.UTC
+            )
             self._actors.append(SupervisorActor(system, definition, **options))
             for spec in definition.nodes.values():
                 self._actors.append(NodeActor(system, definition, spec, ack_wait=self.ack_wait, **options))
@@ -119,8 +122,12 @@ class Worker:
         # Node actors first and triggers last, so no run starts before its nodes listen.
         for actor in self._actors:
             await actor.start()
-        log.info("worker %s hosting %s on %s", self.worker_id, ", ".join(d.name for d in self.definitions),
-                 self.nats_url)
+        log.info(
+            "worker %s hosting %s on %s",
+            self.worker_id,
+            ", ".join(d.name for d in self.definitions),
+            self.nats_url,
+        )
 
     async def _register(self, system: ActorSystem, definition: WorkflowDefinition) -> float:
         """Record the workflow in the registry; keep its first registration time (trigger ownership)."""
@@ -148,8 +155,9 @@ class Worker:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        await asyncio.gather(*(actor.stop(self.shutdown_grace) for actor in reversed(self._actors)),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(actor.stop(self.shutdown_grace) for actor in reversed(self._actors)), return_exceptions=True
+        )
         self._actors.clear()
         if self.system is not None:
             await self.system.close_gate()

@@ -88,11 +88,14 @@ def _action_of(target: Any) -> Callable[[Any], Any]:
     execute = getattr(target, "execute", None)
     if callable(execute):
         return execute  # type: ignore[no-any-return]
-    raise WorkflowDefinitionError(f"an action must be callable or have an execute(ctx) method, got {target!r}")
+    raise WorkflowDefinitionError(
+        f"an action must be callable or have an execute(ctx) method, got {target!r}"
+    )
 
 
 def _is_async(action: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(action) or inspect.iscoroutinefunction(getattr(action, "__call__", None))
+    # Functions and bound methods answer directly; an object with an async __call__ answers via its type.
+    return inspect.iscoroutinefunction(action) or inspect.iscoroutinefunction(type(action).__call__)
 
 
 def make_node(
@@ -167,7 +170,9 @@ class Workflow:
 
     def add(self, spec: NodeSpec) -> None:
         if self._definition is not None:
-            raise WorkflowDefinitionError(f"workflow {self.name!r} is already built; it cannot change any more")
+            raise WorkflowDefinitionError(
+                f"workflow {self.name!r} is already built; it cannot change any more"
+            )
         if spec.name in self._nodes:
             raise DuplicateNodeError(f"workflow {self.name!r} defines node {spec.name!r} twice")
         self._nodes[spec.name] = spec
@@ -192,7 +197,9 @@ def _ref_name(ref: str | Callable[..., Any]) -> str:
     return name
 
 
-def build_definition(name: str, specs: Sequence[NodeSpec], input_model: type[Any] | None) -> WorkflowDefinition:
+def build_definition(
+    name: str, specs: Sequence[NodeSpec], input_model: type[Any] | None
+) -> WorkflowDefinition:
     names = [spec.name for spec in specs]
     upstreams = {spec.name: spec.upstreams for spec in specs}
     order = validate_graph(name, names, upstreams)

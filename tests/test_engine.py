@@ -1,0 +1,324 @@
+"""End-to-end behaviour of the engine against a real nats-server: shapes, data, failures, triggers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from flow_orchestrator import (
+    InvalidPayload,
+    NodeStatus,
+    RunFailed,
+    RunNotFound,
+    RunStatus,
+    UnknownWorkflow,
+)
+from flow_orchestrator.bus import decode, encode
+from flow_orchestrator.testing import LocalEnvironment, eventually
+from tests import workflows as wfs
+
+
+async def test_linear_chain_passes_outputs_down(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.chain(20)])
+    result = await env.client.run("chain", {}, timeout=20)
+    assert result == {"k": 19, "acc": 20}
+
+
+async def test_diamond_joins_once_and_shares_data(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.diamond])
+    handle = await env.client.start("diamond", {"order_id": "o-1", "amount": 12.5})
+    assert await handle.result(timeout=20) == {"shipped": True, "payment": "pmt-o-1", "charged": 12.5}
+    snapshot = await handle.status()
+    assert snapshot.status is RunStatus.COMPLETED
+    assert {n: s.status for n, s in snapshot.nodes.items()} == dict.fromkeys(
+        ["validate", "reserve", "charge", "ship"], NodeStatus.COMPLETED
+    )
+    assert all(s.attempts == 1 for s in snapshot.nodes.values())
+    data_keys = await _data_keys(env, handle.run_id)
+    assert data_keys == {"order_id": "o-1", "payment_id": "pmt-o-1"}
+
+
+async def _data_keys(env: LocalEnvironment, run_id: str) -> dict[str, Any]:
+    from flow_orchestrator.runtime import WorkflowData
+
+    data = WorkflowData(env.client.store, run_id)
+    return await data.to_dict()
+
+
+async def test_fan_out_fan_in_1_20_1(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.fan(20)])
+    results = await asyncio.gather(*(env.client.run("fan", {}, timeout=30) for _ in range(3)))
+    assert results == [{"sum": sum(range(20)), "count": 20}] * 3
+
+
+async def test_retry_then_success_takes_three_attempts(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.failing])
+    handle = await env.client.start("failing", {"mode": "flaky"})
+    assert await handle.result(timeout=20) == {"end": True}
+    snapshot = await handle.status()
+    assert snapshot.nodes["flaky"].attempts == 3
+    assert snapshot.nodes["flaky"].output == {"attempt": 3}
+    journal = await env.client.journal(handle.run_id, "failing")
+    retries = [e for e in journal if e["node"] == "flaky" and e["kind"] == "retrying"]
+    assert [e["data"]["next_attempt"] for e in retries] == [2, 3]
+
+
+async def test_fail_fast_skips_blocked_nodes(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.failing])
+    handle = await env.client.start("failing", {"mode": "always"})
+    with pytest.raises(RunFailed, match="flaky") as caught:
+        await handle.result(timeout=20)
+    snapshot = caught.value.status
+    assert snapshot is not None
+    statuses = {n: s.status for n, s in snapshot.nodes.items()}  # type: ignore[attr-defined]
+    assert statuses["start"] is NodeStatus.COMPLETED
+    assert statuses["flaky"] is NodeStatus.FAILED
+    assert statuses["after"] is NodeStatus.SKIPPED
+    assert statuses["end"] is NodeStatus.SKIPPED
+    assert snapshot.nodes["flaky"].attempts == 3  # type: ignore[attr-defined]
+    assert "still broken" in snapshot.nodes["flaky"].error["message"]  # type: ignore[attr-defined]
+    # side runs in parallel; fail-fast does not wait for it, so it is Completed, Running or Pending.
+    assert statuses["side"] in {NodeStatus.COMPLETED, NodeStatus.RUNNING, NodeStatus.PENDING}
+
+
+async def test_non_retryable_error_fails_at_once(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.failing])
+    handle = await env.client.start("failing", {"mode": "fatal"})
+    with pytest.raises(RunFailed, match="card declined"):
+        await handle.result(timeout=20)
+    snapshot = await handle.status()
+    assert snapshot.nodes["flaky"].attempts == 1
+    assert snapshot.nodes["flaky"].status is NodeStatus.FAILED
+    assert snapshot.nodes["flaky"].error is not None
+    assert snapshot.nodes["flaky"].error["type"] == "NonRetryableError"
+
+
+async def test_timeout_cancels_attempt_and_counts_as_failure(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.failing])
+    handle = await env.client.start("failing", {"mode": "slow"})
+    with pytest.raises(RunFailed, match="timed out"):
+        await handle.result(timeout=30)
+    snapshot = await handle.status()
+    assert snapshot.nodes["flaky"].attempts == 3
+    assert snapshot.nodes["flaky"].error is not None
+    assert snapshot.nodes["flaky"].error["type"] == "NodeTimeout"
+    assert snapshot.nodes["after"].status is NodeStatus.SKIPPED
+
+
+async def test_continue_on_error_lets_downstream_run(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.tolerant])
+    handle = await env.client.start("tolerant", {})
+    assert await handle.result(timeout=20) == {"optional": None, "required": {"required": True}}
+    snapshot = await handle.status()
+    assert snapshot.status is RunStatus.COMPLETED
+    assert snapshot.nodes["optional"].status is NodeStatus.FAILED
+    assert snapshot.nodes["combine"].status is NodeStatus.COMPLETED
+
+
+async def test_sync_action_runs_off_the_event_loop(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.diamond])
+    loop_ticks = 0
+
+    async def ticker() -> None:
+        nonlocal loop_ticks
+        while True:
+            loop_ticks += 1
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(ticker())
+    try:
+        result = await env.client.run("diamond", {"order_id": "o-2", "amount": 1}, timeout=20)
+    finally:
+        task.cancel()
+    assert result["shipped"] is True
+    assert loop_ticks > 5  # the loop kept turning while reserve slept in its thread
+
+
+async def test_trigger_by_raw_msgpack_publish(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.diamond])
+    ack = await env.client.bus.js.publish(
+        env.names.trigger("diamond"),
+        encode({"order_id": "raw-1", "amount": 3}),
+        headers={"Nats-Msg-Id": "raw-msgpack-1"},
+    )
+    assert not ack.duplicate
+    handle = env.client.get_handle("raw-msgpack-1", "diamond")
+    assert (await handle.result(timeout=20))["payment"] == "pmt-raw-1"
+
+
+async def test_trigger_by_raw_json_publish(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.diamond])
+    await env.client.bus.nc.publish(
+        env.names.trigger("diamond"),
+        json.dumps({"order_id": "raw-2", "amount": 4}).encode(),
+        headers={"Nats-Msg-Id": "raw-json-1", "Content-Type": "application/json"},
+    )
+    handle = env.client.get_handle("raw-json-1", "diamond")
+    assert (await handle.result(timeout=20))["charged"] == 4
+
+
+async def test_trigger_without_msg_id_gets_a_generated_run_id(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.chain(2)])
+    await env.client.bus.js.publish(env.names.trigger("chain"), encode({}))
+
+    async def completed_runs() -> list[dict[str, Any]]:
+        runs = await env.client.list_runs(workflow="chain")
+        return [r for r in runs if r["status"] == "completed"]
+
+    runs = await eventually(completed_runs, within=20)
+    assert len(runs) == 1
+    assert runs[0]["run_id"].startswith("r")
+
+
+async def test_repeated_msg_id_starts_one_run(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.chain(3)])
+    first = await env.client.start("chain", {}, run_id="same-key")
+    second = await env.client.start("chain", {}, run_id="same-key")
+    assert first.run_id == second.run_id == "same-key"
+    await first.result(timeout=20)
+    journal = await env.client.journal("same-key", "chain")
+    assert [e["kind"] for e in journal if e["node"] == "_run"].count("started") == 1
+    assert [e["kind"] for e in journal if e["node"] == "s0"].count("started") == 1
+
+
+async def test_repeated_msg_id_beyond_dedup_window_still_one_run(env_factory: Any) -> None:
+    # The stream's duplicate window is the first line of defence; the run record's create-only write
+    # is the second. Purging the trigger stream makes the stream forget the id, as an expired window would.
+    env: LocalEnvironment = await env_factory([wfs.chain(2)])
+    await env.client.run("chain", {}, run_id="late-dup", timeout=20)
+    await env.client.bus.js.purge_stream(env.names.triggers_stream)  # forget the dedup window too
+    await env.client.bus.js.publish(
+        env.names.trigger("chain"), encode({}), headers={"Nats-Msg-Id": "late-dup"}
+    )
+
+    async def trigger_consumed() -> bool:
+        info = await env.client.bus.js.consumer_info(env.names.triggers_stream, "trigger_chain")
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    await eventually(trigger_consumed, within=20)
+    journal = await env.client.journal("late-dup", "chain")
+    assert [e["kind"] for e in journal if e["node"] == "_run"].count("started") == 1
+
+
+async def _dead_letters(env: LocalEnvironment, count: int) -> list[dict[str, Any]]:
+    sub = await env.client.bus.js.subscribe(f"{env.prefix}.dlq.>", ordered_consumer=True)
+    records: list[dict[str, Any]] = []
+    try:
+        while len(records) < count:
+            msg = await sub.next_msg(timeout=20)
+            records.append(decode(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return records
+
+
+async def _rejections(env: LocalEnvironment, workflow: str, count: int) -> list[dict[str, Any]]:
+    sub = await env.client.bus.js.subscribe(
+        f"{env.prefix}.evt.{workflow}.*._trigger.rejected", ordered_consumer=True
+    )
+    found: list[dict[str, Any]] = []
+    try:
+        while len(found) < count:
+            msg = await sub.next_msg(timeout=20)
+            found.append(decode(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def test_malformed_and_invalid_triggers_are_dead_lettered(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.diamond], max_trigger_bytes=1024)
+    js = env.client.bus.js
+    subject = env.names.trigger("diamond")
+    await js.publish(subject, b"\xc1\xc1 not msgpack", headers={"Nats-Msg-Id": "bad-1"})
+    await js.publish(
+        subject, b"{not json", headers={"Nats-Msg-Id": "bad-2", "Content-Type": "application/json"}
+    )
+    await js.publish(subject, encode({"order_id": "x", "amount": -5}), headers={"Nats-Msg-Id": "bad-3"})
+    await js.publish(subject, encode({"order_id": "x" * 4000, "amount": 1}), headers={"Nats-Msg-Id": "bad-4"})
+    await js.publish(subject, encode({"order_id": "x", "amount": 1}), headers={"Nats-Msg-Id": "bad id!"})
+    records = await _dead_letters(env, 5)
+    by_reason = {r["reason"]: r for r in records}
+    assert set(by_reason) == {"malformed", "invalid_payload", "oversized", "invalid_run_id"}
+    assert sum(r["reason"] == "malformed" for r in records) == 2
+    assert by_reason["invalid_payload"]["error_type"] == "InvalidPayload"
+    assert "amount" in by_reason["invalid_payload"]["error"]
+    assert by_reason["oversized"]["size"] > 1024
+    assert by_reason["invalid_run_id"]["headers"]["Nats-Msg-Id"] == "bad id!"
+    assert all(r["subject"] == subject for r in records)
+    rejected = await _rejections(env, "diamond", 5)
+    assert {r["reason"] for r in rejected} == set(by_reason)
+    # The worker survived all of it and still runs good triggers.
+    assert (await env.client.run("diamond", {"order_id": "ok", "amount": 2}, timeout=20))["charged"] == 2
+    # Nothing is left for redelivery.
+    info = await js.consumer_info(env.names.triggers_stream, "trigger_diamond")
+    assert info.num_ack_pending == 0
+    assert info.num_redelivered == 0
+
+
+async def test_unknown_workflow_trigger_is_dead_lettered(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.chain(1)], unknown_workflow_grace=0.3)
+    await env.client.bus.js.publish(env.names.trigger("nosuch"), encode({}), headers={"Nats-Msg-Id": "u-1"})
+    [record] = await _dead_letters(env, 1)
+    assert record["reason"] == "unknown_workflow"
+    assert record["error_type"] == "UnknownWorkflow"
+    assert "nosuch" in record["error"]
+    [event] = await _rejections(env, "nosuch", 1)
+    assert event["reason"] == "unknown_workflow"
+    with pytest.raises(UnknownWorkflow):
+        await env.client.start("nosuch", {})
+
+
+async def test_client_validates_input_before_publishing(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.diamond])
+    with pytest.raises(InvalidPayload, match="amount"):
+        await env.client.start(wfs.diamond, {"order_id": "o", "amount": 0})
+
+
+async def test_trigger_published_before_any_worker_runs_when_one_comes(env_factory: Any) -> None:
+    wf = wfs.chain(3, name="latecomer")
+    first: LocalEnvironment = await env_factory([wf])  # registers the workflow, as a past deployment would
+    for worker in first.workers:
+        await worker.stop()
+    first.workers.clear()
+    handle = await first.client.start("latecomer", {}, run_id="waiting-run")
+    # No worker is up: the trigger waits in its stream and no run record appears.
+    info = await first.client.bus.js.stream_info(first.names.triggers_stream)
+    assert info.state.messages == 1
+    assert not await _has_record(first, "waiting-run")
+    await first.add_worker()
+    assert await handle.result(timeout=20) == {"k": 2, "acc": 3}
+
+
+async def _has_record(env: LocalEnvironment, run_id: str) -> bool:
+    from flow_orchestrator.bus import Names
+
+    return await env.client.store.get(Names.run_key(run_id)) is not None
+
+
+async def test_cancel_stops_a_running_run(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.failing])
+    handle = await env.client.start("failing", {"mode": "slow"})
+
+    async def flaky_running() -> bool:
+        try:
+            return (await handle.status()).nodes["flaky"].status is NodeStatus.RUNNING
+        except RunNotFound:
+            return False
+
+    await eventually(flaky_running, within=20)
+    await handle.cancel("test")
+    record = await handle.wait(timeout=20)
+    assert record["status"] == "cancelled"
+    snapshot = await eventually(lambda: _settled(handle), within=20)
+    assert snapshot.nodes["flaky"].status is NodeStatus.CANCELLED
+    assert snapshot.nodes["after"].status is NodeStatus.CANCELLED
+    assert snapshot.nodes["start"].status is NodeStatus.COMPLETED
+
+
+async def _settled(handle: Any) -> Any:
+    snapshot = await handle.status()
+    return snapshot if snapshot.nodes["flaky"].attempts == 1 else None
