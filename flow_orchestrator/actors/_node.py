@@ -2,18 +2,23 @@
 
 It consumes its upstreams' ``completed`` events (the run's ``started`` event for a root, the
 ``failed`` events of continue-on-error upstreams, and its own scheduled ``retry`` events) through one
-durable consumer shared by all workers. Per (run, node) the KV record is the fence: an attempt starts
-only by a compare-and-set that claims it, and it finishes only by a compare-and-set on the revision
-it claimed, so two workers can never both finish an attempt, and a finished node never runs again.
+durable consumer shared by all workers, so JetStream hands each message to one worker at a time.
 
-A message that claimed an attempt is its *holder* (the record keeps its stream sequence). If that
-very message comes back (its worker died and the ack wait expired), the attempt was lost: it is
-resumed as the next attempt. Any other duplicate is acknowledged and dropped.
+One write per step: the node's ``completed`` event is published as a create-only compare-and-set on
+its subject (see ``bus/_journal.py``). It is the durable record of the output *and* the event its
+downstream nodes consume, and it can be written once per (run, node), ever: a redelivered or
+duplicated trigger can never complete a node twice, and a finished node never runs again.
+
+Every message that starts an attempt is unique (one completion per upstream, one scheduled message
+per retry, one winner per join), so the consumer's single delivery is the claim. When a message
+comes back (its worker died and the ack wait expired) the journal says what happened: completed or
+failed already (acknowledge), or nothing (the attempt was lost: run it again as the next attempt).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode
-from flow_orchestrator.bus._kv import Versioned
+from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.bus.types import ExecuteNodeInput
 from flow_orchestrator.runtime._context import NodeContext
@@ -36,13 +41,12 @@ from flow_orchestrator.runtime._workflow import NodeSpec, WorkflowDefinition
 
 
 @dataclass(slots=True)
-class Claim:
+class Attempt:
     run_id: str
     attempt: int
-    revision: int
-    record: dict[str, Any]
     raw_input: Any
     outputs: dict[str, Any]
+    started_at: float = 0.0
 
 
 class NodeActor(Actor):
@@ -80,11 +84,11 @@ class NodeActor(Actor):
     def _wrap(self, spec: NodeSpec) -> Any:
         if spec.is_async:
             return spec.action
-        loop_executor = self.system.executor
+        executor = self.system.executor
 
         async def run_sync(ctx: NodeContext) -> Any:
             return await asyncio.get_running_loop().run_in_executor(
-                loop_executor, functools.partial(spec.action, ctx)
+                executor, functools.partial(spec.action, ctx)
             )
 
         return run_sync
@@ -96,143 +100,100 @@ class NodeActor(Actor):
             await msg.ack()
             return
         payload = decode(msg.data)
-        seq = int(msg.metadata.sequence.stream)
+        meta = msg.metadata
+        redelivered = meta.num_delivered - 1
         if kind == "retry":
-            claim = await self._claim_retry(run_id, payload, seq)
+            attempt = Attempt(
+                run_id, int(payload["attempt"]), payload.get("input"), payload.get("outputs") or {}
+            )
         elif source == RUN_TOKEN:
-            claim = await self._claim_first(run_id, payload, seq, {})
+            attempt = Attempt(run_id, 1, payload.get("input"), {})
         elif len(self._needed) == 1:
-            claim = await self._claim_first(run_id, payload, seq, {source: payload.get("output")})
+            attempt = Attempt(run_id, 1, payload.get("input"), {source: payload.get("output")})
         else:
-            claim = await self._join(run_id, source, payload, seq)
-        if claim is None:
+            joined = await self._join(run_id, source, payload, int(meta.sequence.stream))
+            if joined is None:
+                await msg.ack()
+                return
+            attempt = joined
+        if redelivered and not await self._resume(attempt, redelivered):
             await msg.ack()
             return
-        await self._run_attempt(msg, claim)
+        await self._run_attempt(msg, attempt)
 
-    async def _claim_first(
-        self, run_id: str, payload: dict[str, Any], seq: int, outputs: dict[str, Any]
-    ) -> Claim | None:
-        """Single upstream (or a root): one create claims attempt 1; no join record is needed."""
-        record = rec.running(1, seq, self.system.worker_id)
-        try:
-            revision = await self.system.store.create(self._key(run_id), record)
-        except StateConflict:
-            return await self._recover(run_id, payload, seq, outputs)
-        return Claim(run_id, 1, revision, record, payload.get("input"), outputs)
-
-    async def _join(self, run_id: str, source: str, payload: dict[str, Any], seq: int) -> Claim | None:
-        """Several upstreams: record the arrival; whoever completes the set claims attempt 1."""
-        key = self._key(run_id)
+    async def _join(self, run_id: str, source: str, payload: dict[str, Any], seq: int) -> Attempt | None:
+        """Several upstreams: record the arrival in KV; the message that completes the set wins."""
+        key = Names.join_key(run_id, self.node.name)
 
         def arrive(current: dict[str, Any] | None) -> dict[str, Any] | None:
-            current = current or {"status": rec.PENDING, "arrived": []}
-            if current["status"] != rec.PENDING or source in current["arrived"]:
+            current = current or {"arrived": []}
+            if source in current["arrived"]:
                 return None
             arrived = [*current["arrived"], source]
-            if self._needed.issubset(arrived):
-                return rec.running(1, seq, self.system.worker_id, arrived)
-            return {"status": rec.PENDING, "arrived": arrived}
+            return {"arrived": arrived, "holder": seq if self._needed.issubset(arrived) else None}
 
-        written, revision = await self.system.store.mutate(key, arrive)
+        written, _ = await self.system.store.mutate(key, arrive)
         if written is None:
-            return await self._recover(run_id, payload, seq, None)
-        if written["status"] != rec.RUNNING or revision is None:
+            # A repeated arrival. Only the winner's own redelivery may go on (to recover its attempt).
+            current = await self.system.store.get(key)
+            if current is None or current.value.get("holder") != seq:
+                return None
+        elif written["holder"] != seq:
             return None
         outputs = await self._gather_outputs(run_id, {source: payload.get("output")})
-        return Claim(run_id, 1, revision, written, payload.get("input"), outputs)
+        return Attempt(run_id, 1, payload.get("input"), outputs)
 
     async def _gather_outputs(self, run_id: str, known: dict[str, Any]) -> dict[str, Any]:
         missing = [up for up in self.node.upstreams if up not in known]
-        found = await asyncio.gather(*(self.system.store.get(Names.node_key(run_id, up)) for up in missing))
+        stream, names, wf = self.system.names.events_stream, self.system.names, self.definition.name
+        found = await asyncio.gather(
+            *(
+                last_event(self.system.bus.js, stream, names.event(wf, run_id, up, "completed"))
+                for up in missing
+            )
+        )
         outputs = dict(known)
-        for up, entry in zip(missing, found, strict=True):
-            outputs[up] = entry.value.get("output") if entry is not None else None
+        for up, event in zip(missing, found, strict=True):
+            outputs[up] = event.get("output") if event is not None else None
         return {up: outputs.get(up) for up in self.node.upstreams}
 
-    async def _claim_retry(self, run_id: str, payload: dict[str, Any], seq: int) -> Claim | None:
-        attempt = int(payload["attempt"])
-        current = await self.system.store.get(self._key(run_id))
-        if current is None:
-            return None
-        record = current.value
-        if record.get("status") == rec.RETRYING and record.get("attempt") == attempt - 1:
-            new = {**rec.running(attempt, seq, self.system.worker_id), "arrived": record.get("arrived")}
-            try:
-                revision = await self.system.store.update(self._key(run_id), new, current.revision)
-            except StateConflict:
-                return await self._recover(run_id, payload, seq, payload.get("outputs"))
-            return Claim(run_id, attempt, revision, new, payload.get("input"), payload.get("outputs") or {})
-        return await self._recover(run_id, payload, seq, payload.get("outputs"))
-
-    async def _recover(
-        self, run_id: str, payload: dict[str, Any], seq: int, outputs: dict[str, Any] | None
-    ) -> Claim | None:
-        """The claim found an existing record: a duplicate, a lost attempt, or a half-finished one.
-
-        Only the record's holder (the message that claimed the current attempt) may act on it; any
-        other message is a duplicate and is dropped.
-        """
-        current = await self.system.store.get(self._key(run_id))
-        if current is None or current.value.get("holder") != seq:
-            return None
-        record = current.value
-        status = record.get("status")
-        if status == rec.COMPLETED:
-            # Finished, but the worker may have died before its completion event: publish it again
-            # (deduplicated by message id if it did go out).
-            await self._announce_completed(run_id, record, payload.get("input"))
-        elif status in (rec.RETRYING, rec.FAILED):
-            await self._announce_failure(run_id, record, payload.get("input"), outputs or {})
-        elif status == rec.RUNNING:
-            return await self._resume_lost(run_id, current, seq=seq, payload=payload, outputs=outputs)
-        return None
-
-    async def _resume_lost(
-        self,
-        run_id: str,
-        current: Versioned,
-        *,
-        seq: int,
-        payload: dict[str, Any],
-        outputs: dict[str, Any] | None,
-    ) -> Claim | None:
-        """The holder came back while its attempt was running: that worker lost it. Resume as the
-        next attempt; the compare-and-set fences the old worker out if it is merely slow."""
-        record, revision = current.value, current.revision
-        attempt = int(record["attempt"]) + 1
-        lost = {"attempt": attempt - 1, "worker": record.get("worker")}
-        new = {
-            **rec.running(attempt, seq, self.system.worker_id),
-            "arrived": record.get("arrived"),
-            "lost": [*record.get("lost", []), lost],
-        }
-        try:
-            new_revision = await self.system.store.update(self._key(run_id), new, revision)
-        except StateConflict:
-            return None
-        await self.system.emit(self._subject(run_id, "lost"), lost, durable=False)
-        if outputs is None:
-            outputs = await self._gather_outputs(run_id, {})
-        return Claim(run_id, attempt, new_revision, new, payload.get("input"), outputs)
+    async def _resume(self, attempt: Attempt, redelivered: int) -> bool:
+        """A redelivered message: consult the journal. Returns whether to run an attempt now."""
+        js, stream = self.system.bus.js, self.system.names.events_stream
+        completed, failed = await asyncio.gather(
+            last_event(js, stream, self._subject(attempt.run_id, "completed")),
+            last_event(js, stream, self._subject(attempt.run_id, "attempt_failed")),
+        )
+        if completed is not None:
+            return False
+        if failed is not None and int(failed.get("attempt", 0)) >= attempt.attempt:
+            return False  # this message's attempt already failed and was reported; the supervisor has it
+        lost = attempt.attempt + redelivered - 1
+        await self.system.emit(
+            self._subject(attempt.run_id, "lost"),
+            {"attempt": lost, "reason": "delivery timed out: the worker holding it stopped or stalled"},
+            durable=False,
+        )
+        attempt.attempt += redelivered
+        return True
 
     # --- running --------------------------------------------------------------------------------
-    async def _run_attempt(self, msg: Msg, claim: Claim) -> None:
+    async def _run_attempt(self, msg: Msg, attempt: Attempt) -> None:
         ctx = NodeContext(
             workflow=self.definition.name,
-            run_id=claim.run_id,
+            run_id=attempt.run_id,
             node=self.node.name,
-            attempt=claim.attempt,
-            raw_input=claim.raw_input,
+            attempt=attempt.attempt,
+            raw_input=attempt.raw_input,
             input_model=self.definition.input_model,
-            outputs=claim.outputs,
-            data=WorkflowData(self.system.store, claim.run_id),
+            outputs=attempt.outputs,
+            data=WorkflowData(self.system.store, attempt.run_id),
         )
         request = ExecuteNodeInput(
             workflow=self.definition.name,
-            run_id=claim.run_id,
+            run_id=attempt.run_id,
             node=self.node.name,
-            attempt=claim.attempt,
+            attempt=attempt.attempt,
             context=ctx,
             action=self._action,
             headers=msg.headers or {},
@@ -240,92 +201,72 @@ class NodeActor(Actor):
             retry=self.node.retry,
             output_model=self.node.output_model,
         )
+        attempt.started_at = time.time()
         await self.system.emit(
-            self._subject(claim.run_id, "started"),
-            {"attempt": claim.attempt, "worker": self.system.worker_id},
+            self._subject(attempt.run_id, "started"),
+            {"attempt": attempt.attempt, "worker": self.system.worker_id, "started_at": attempt.started_at},
             durable=False,
         )
         task = asyncio.current_task()
         assert task is not None
-        self.system.gate.track(claim.run_id, task)
+        self.system.gate.track(attempt.run_id, task)
         try:
             output = await self.system.chain.execute_node(request)
         except asyncio.CancelledError:
-            if self.system.gate.closed(claim.run_id) == "cancelled":
+            if self.system.gate.closed(attempt.run_id) == "cancelled":
                 task.uncancel()
-                await self._finish_cancelled(msg, claim)
+                await self._finish(msg, attempt, "cancelled", {"attempt": attempt.attempt})
                 return
             raise
         except Exception as exc:
-            await self._finish_failed(msg, claim, request, exc)
+            await self._finish_failed(msg, attempt, request, exc)
             return
         finally:
-            self.system.gate.untrack(claim.run_id, task)
-        await self._finish_completed(msg, claim, output)
+            self.system.gate.untrack(attempt.run_id, task)
+        await self._finish_completed(msg, attempt, output)
 
-    async def _finish_completed(self, msg: Msg, claim: Claim, output: Any) -> None:
-        record = {**claim.record, "status": rec.COMPLETED, "output": output, "finished_at": time.time()}
+    async def _finish_completed(self, msg: Msg, attempt: Attempt, output: Any) -> None:
+        body = {
+            "output": output,
+            "input": attempt.raw_input,
+            "attempt": attempt.attempt,
+            "started_at": attempt.started_at,
+            "finished_at": time.time(),
+            "worker": self.system.worker_id,
+        }
         try:
-            await self.system.store.update(self._key(claim.run_id), record, claim.revision)
+            await self.system.emit(
+                self._subject(attempt.run_id, "completed"), body, headers=EXPECT_NEW_SUBJECT
+            )
         except StateConflict:
-            return  # fenced: another worker took this attempt over; its delivery owns the message
-        await self._announce_completed(claim.run_id, record, claim.raw_input)
+            pass  # completed already (a racing duplicate won): the first completion stands
         await msg.ack()
 
-    async def _announce_completed(self, run_id: str, record: dict[str, Any], raw_input: Any) -> None:
-        await self.system.emit(
-            self._subject(run_id, "completed"),
-            {"output": record.get("output"), "input": raw_input, "attempt": record.get("attempt")},
-            msg_id=f"{run_id}.{self.node.name}.completed",
-        )
-
     async def _finish_failed(
-        self, msg: Msg, claim: Claim, request: ExecuteNodeInput, exc: BaseException
+        self, msg: Msg, attempt: Attempt, request: ExecuteNodeInput, exc: BaseException
     ) -> None:
         policy = request.retry or NO_RETRY
         error = rec.error_info(exc, policy)
-        retry = bool(error["retryable"]) and policy.allows_another(claim.attempt)
-        record = {
-            **claim.record,
-            "status": rec.RETRYING if retry else rec.FAILED,
+        retry = bool(error["retryable"]) and policy.allows_another(attempt.attempt)
+        body = {
+            "attempt": attempt.attempt,
             "error": error,
-            "finished_at": time.time(),
+            "retry": retry,
             "policy": rec.policy_dict(policy),
+            "input": attempt.raw_input,
+            "outputs": attempt.outputs,
+            "started_at": attempt.started_at,
+            "finished_at": time.time(),
         }
-        try:
-            await self.system.store.update(self._key(claim.run_id), record, claim.revision)
-        except StateConflict:
-            return
-        await self._announce_failure(claim.run_id, record, claim.raw_input, claim.outputs)
-        await msg.ack()
+        await self._finish(msg, attempt, "attempt_failed", body)
 
-    async def _announce_failure(
-        self, run_id: str, record: dict[str, Any], raw_input: Any, outputs: dict[str, Any]
-    ) -> None:
-        attempt = int(record["attempt"])
+    async def _finish(self, msg: Msg, attempt: Attempt, kind: str, body: dict[str, Any]) -> None:
         await self.system.emit(
-            self._subject(run_id, "attempt_failed"),
-            {
-                "attempt": attempt,
-                "error": record.get("error"),
-                "retry": record["status"] == rec.RETRYING,
-                "policy": record.get("policy"),
-                "input": raw_input,
-                "outputs": outputs,
-            },
-            msg_id=f"{run_id}.{self.node.name}.{attempt}.attempt_failed",
+            self._subject(attempt.run_id, kind),
+            body,
+            msg_id=f"{attempt.run_id}.{self.node.name}.{attempt.attempt}.{kind}",
         )
-
-    async def _finish_cancelled(self, msg: Msg, claim: Claim) -> None:
-        record = {**claim.record, "status": rec.CANCELLED, "finished_at": time.time()}
-        try:
-            await self.system.store.update(self._key(claim.run_id), record, claim.revision)
-        except StateConflict:
-            return
         await msg.ack()
-
-    def _key(self, run_id: str) -> str:
-        return Names.node_key(run_id, self.node.name)
 
     def _subject(self, run_id: str, kind: str) -> str:
         return self.system.names.event(self.definition.name, run_id, self.node.name, kind)

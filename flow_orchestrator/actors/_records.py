@@ -1,38 +1,12 @@
-"""The records actors keep in KV and the payloads of their events, as plain dicts (msgpack-friendly).
-
-Kept as functions over dicts rather than classes: these sit on the hot path, and a dict is what the
-codec reads and writes anyway.
-"""
+"""Pieces of the payloads actors publish, as plain dicts: a failed attempt's error and retry policy."""
 
 from __future__ import annotations
 
-import time
 import traceback
 from typing import Any
 
 from flow_orchestrator._errors import NonRetryableError, RetryAfter
 from flow_orchestrator.runtime._retry import RetryPolicy
-from flow_orchestrator.runtime._status import NodeStatus
-
-RUNNING = NodeStatus.RUNNING.value
-PENDING = NodeStatus.PENDING.value
-COMPLETED = NodeStatus.COMPLETED.value
-FAILED = NodeStatus.FAILED.value
-RETRYING = NodeStatus.RETRYING.value
-CANCELLED = NodeStatus.CANCELLED.value
-
-
-def running(attempt: int, holder: int, worker: str, arrived: list[str] | None = None) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "status": RUNNING,
-        "attempt": attempt,
-        "holder": holder,
-        "worker": worker,
-        "started_at": time.time(),
-    }
-    if arrived is not None:
-        record["arrived"] = arrived
-    return record
 
 
 def error_info(exc: BaseException, policy: RetryPolicy) -> dict[str, Any]:

@@ -15,10 +15,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig
 
+from flow_orchestrator._errors import StateConflict
 from flow_orchestrator.bus._codec import encode
 from flow_orchestrator.bus._connection import Bus
 from flow_orchestrator.bus._dlq import dead_letter
 from flow_orchestrator.bus._interceptors import InterceptorChain
+from flow_orchestrator.bus._journal import is_subject_conflict
 from flow_orchestrator.bus._kv import StateStore
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.bus.types import PublishInput
@@ -124,8 +126,13 @@ class ActorSystem:
         data = encode(message.payload)
         if journal:
             await self.bus.nc.publish(message.subject, data, headers=headers or None)
-        else:
+            return
+        try:
             await self.bus.js.publish(message.subject, data, headers=headers or None)
+        except js_errors.APIError as exc:
+            if is_subject_conflict(exc):
+                raise StateConflict(f"{message.subject} already has a message") from exc
+            raise
 
     async def dead_letter(self, msg: Msg, *, reason: str, error: BaseException | str) -> int:
         workflow, run_id = _workflow_and_run(msg.subject, self.names)

@@ -119,8 +119,8 @@ class Names:
         return f"run.{run_id}"
 
     @staticmethod
-    def node_key(run_id: str, node: str) -> str:
-        return f"node.{run_id}.{node}"
+    def join_key(run_id: str, node: str) -> str:
+        return f"join.{run_id}.{node}"
 
     @staticmethod
     def data_key(run_id: str, key: str) -> str:

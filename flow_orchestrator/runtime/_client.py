@@ -15,11 +15,13 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
 from flow_orchestrator._errors import InvalidPayload, RunCancelled, RunFailed, RunNotFound, UnknownWorkflow
-from flow_orchestrator.bus._codec import CONTENT_TYPE, MSGPACK_TYPE, decode, encode
+from flow_orchestrator.bus._codec import CONTENT_TYPE, MSGPACK_TYPE, encode
 from flow_orchestrator.bus._connection import DEFAULT_URL, Bus, connect
+from flow_orchestrator.bus._journal import read_events
 from flow_orchestrator.bus._kv import StateStore
 from flow_orchestrator.bus._streams import StorageSettings, provision
 from flow_orchestrator.bus._subjects import Names, check_run_id, parse_event_subject
+from flow_orchestrator.runtime._journal import NodeView, fold_events
 from flow_orchestrator.runtime._status import NodeStatus, RunStatus, derive_node_statuses
 from flow_orchestrator.runtime._workflow import Workflow, shape_from_description
 
@@ -232,30 +234,31 @@ class Client:
         return found.value if found else None
 
     async def snapshot(self, run_id: str) -> RunSnapshot:
+        """The run's status and every node's, folded from its journal (total over the DAG)."""
         record = await self._run_record(run_id)
         if record is None:
             raise RunNotFound(f"no run with id {run_id!r} (it never started, or its record expired)")
-        description = await self.describe(record["workflow"])
+        workflow = record["workflow"]
+        description = await self.describe(workflow)
         shape = shape_from_description(description)
-        entries = await asyncio.gather(*(self.store.get(Names.node_key(run_id, n)) for n in shape.order))
-        raw = {n: e.value for n, e in zip(shape.order, entries, strict=True) if e is not None}
-        recorded = {n: NodeStatus(v["status"]) for n, v in raw.items()}
+        views = fold_events(await self.journal(run_id, workflow))
+        recorded = {n: v.status for n, v in views.items() if v.status is not None}
         run_status = RunStatus(record["status"])
         statuses = derive_node_statuses(shape, recorded, run_status)
-        nodes = {
-            n: NodeSnapshot(
-                status=statuses[n],
-                attempts=int(raw.get(n, {}).get("attempt", 0)),
-                error=raw.get(n, {}).get("error"),
-                started_at=raw.get(n, {}).get("started_at"),
-                finished_at=raw.get(n, {}).get("finished_at"),
-                output=raw.get(n, {}).get("output"),
+        nodes = {}
+        for name in shape.order:
+            view = views.get(name, NodeView())
+            nodes[name] = NodeSnapshot(
+                status=statuses[name],
+                attempts=view.attempts,
+                error=view.error,
+                started_at=view.started_at,
+                finished_at=view.finished_at,
+                output=view.output,
             )
-            for n in shape.order
-        }
         return RunSnapshot(
             run_id=run_id,
-            workflow=record["workflow"],
+            workflow=workflow,
             status=run_status,
             nodes=nodes,
             input=record.get("input"),
@@ -296,31 +299,10 @@ class Client:
         return runs[:limit]
 
     async def journal(self, run_id: str, workflow: str) -> list[dict[str, Any]]:
-        """Every event of a run, in order (read from the events stream)."""
-        events: list[dict[str, Any]] = []
-        sub = await self.bus.js.subscribe(
-            self.names.events_of_run(workflow, run_id), ordered_consumer=True, stream=self.names.events_stream
+        """Every event of a run, oldest first: ``{node, kind, at, data, headers}``."""
+        return await read_events(
+            self.bus.js, self.names.events_stream, self.names.events_of_run(workflow, run_id)
         )
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=0.5)
-                except TimeoutError:
-                    break
-                _, _, node, kind = parse_event_subject(msg.subject)
-                events.append(
-                    {
-                        "node": node,
-                        "kind": kind,
-                        "at": msg.metadata.timestamp,
-                        "data": decode(msg.data) if msg.data else None,
-                    }
-                )
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            await sub.unsubscribe()
-        return events
 
 
 def _validate(model: type[Any], value: Any, workflow: str) -> Any:

@@ -1,0 +1,70 @@
+"""The run journal: the events stream read as a per-subject store.
+
+A node's completion is published with ``Nats-Expected-Last-Subject-Sequence: 0``: JetStream accepts
+it only if the subject has no message yet, so the publish is both a create-only compare-and-set (one
+completion per node per run, ever) and the event the downstream nodes consume. One write per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.js.errors as js_errors
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from flow_orchestrator.bus._codec import decode
+from flow_orchestrator.bus._subjects import parse_event_subject
+
+EXPECT_NEW_SUBJECT = {"Nats-Expected-Last-Subject-Sequence": "0"}
+_CONFLICT_CODES = (10071, 10164)
+
+
+def is_subject_conflict(exc: BaseException) -> bool:
+    """Whether a publish failed because the subject already had a message (the CAS lost)."""
+    return isinstance(exc, js_errors.APIError) and exc.err_code in _CONFLICT_CODES
+
+
+async def last_event(js: JetStreamContext, stream: str, subject: str) -> dict[str, Any] | None:
+    """The decoded payload of the last message on ``subject``, or ``None`` (direct get)."""
+    try:
+        msg = await js.get_last_msg(stream, subject, direct=True)
+    except js_errors.NotFoundError:
+        return None
+    payload = decode(msg.data) if msg.data else {}
+    return payload if isinstance(payload, dict) else {"value": payload}
+
+
+async def read_events(
+    js: JetStreamContext, stream: str, subject: str, batch: int = 512
+) -> list[dict[str, Any]]:
+    """Every event on ``subject`` (wildcards allowed), oldest first, as ``{node, kind, at, data}``."""
+    sub = await js.pull_subscribe(
+        subject,
+        stream=stream,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        ),
+    )
+    events: list[dict[str, Any]] = []
+    try:
+        pending = (await sub.consumer_info()).num_pending or 0
+        while pending > 0:
+            for msg in await sub.fetch(min(batch, pending), timeout=5.0):
+                _, _, node, kind = parse_event_subject(msg.subject)
+                events.append(
+                    {
+                        "node": node,
+                        "kind": kind,
+                        "at": msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else None,
+                        "data": decode(msg.data) if msg.data else {},
+                        "headers": dict(msg.headers or {}),
+                    }
+                )
+                pending = msg.metadata.num_pending or 0
+    finally:
+        await sub.unsubscribe()
+    return events

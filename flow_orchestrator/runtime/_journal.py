@@ -1,0 +1,69 @@
+"""Folding a run's journal into node views: pure, so the status of a run can be tested without a server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flow_orchestrator.runtime._status import NodeStatus
+
+
+@dataclass(slots=True)
+class NodeView:
+    """What the journal says of one node: its recorded status, attempts, times, error and output."""
+
+    status: NodeStatus | None = None
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: dict[str, Any] | None = None
+    output: Any = None
+    lost: list[int] = field(default_factory=list)
+
+
+_TERMINAL_EVENT = {"completed", "failed", "cancelled"}
+
+
+def fold_events(events: Iterable[dict[str, Any]]) -> dict[str, NodeView]:
+    """Node views from journal events (``{node, kind, at, data}``), oldest first. Run-level and
+    trigger-level events are skipped. A terminal event is final: nothing after it changes the view."""
+    views: dict[str, NodeView] = {}
+    for event in events:
+        node = event["node"]
+        if node.startswith("_"):
+            continue
+        view = views.setdefault(node, NodeView())
+        if view.status in (NodeStatus.COMPLETED, NodeStatus.CANCELLED) or (
+            view.status is NodeStatus.FAILED and event["kind"] != "failed"
+        ):
+            continue
+        data = event.get("data") or {}
+        kind = event["kind"]
+        attempt = int(data.get("attempt") or 0)
+        if kind == "started":
+            view.status = NodeStatus.RUNNING
+            view.attempts = max(view.attempts, attempt)
+            view.started_at = data.get("started_at", event.get("at"))
+            view.finished_at = None
+        elif kind == "lost":
+            view.lost.append(attempt)
+        elif kind == "attempt_failed":
+            view.attempts = max(view.attempts, attempt)
+            view.status = NodeStatus.RETRYING if data.get("retry") else NodeStatus.FAILED
+            view.error = data.get("error")
+            view.finished_at = data.get("finished_at", event.get("at"))
+        elif kind == "completed":
+            view.status = NodeStatus.COMPLETED
+            view.attempts = max(view.attempts, attempt)
+            view.output = data.get("output")
+            view.error = None
+            view.started_at = data.get("started_at", view.started_at)
+            view.finished_at = data.get("finished_at", event.get("at"))
+        elif kind == "failed":
+            view.status = NodeStatus.FAILED
+            view.error = data.get("error", view.error)
+        elif kind == "cancelled":
+            view.status = NodeStatus.CANCELLED
+            view.finished_at = data.get("finished_at", event.get("at"))
+    return views
