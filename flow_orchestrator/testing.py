@@ -34,8 +34,12 @@ async def eventually(
     within: float = 10.0,
     interval: float = 0.02,
     message: str = "condition",
+    retry_on: tuple[type[BaseException], ...] = (AssertionError, LookupError),
 ) -> T:
-    """Poll ``check`` until it returns something truthy (returned), or fail after ``within`` seconds."""
+    """Poll ``check`` until it returns something truthy (returned), or fail after ``within`` seconds.
+
+    Exceptions in ``retry_on`` (failed assertions, not-found errors) mean "not yet"; others propagate.
+    """
     deadline = time.monotonic() + within
     last_error: BaseException | None = None
     while True:
@@ -44,7 +48,7 @@ async def eventually(
             value = await result if isinstance(result, Awaitable) else result
             if value:
                 return value
-        except AssertionError as exc:
+        except retry_on as exc:  # not yet: a failed assertion, or a run/key that does not exist yet
             last_error = exc
         if time.monotonic() > deadline:
             raise AssertionError(

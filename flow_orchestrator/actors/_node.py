@@ -26,7 +26,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from flow_orchestrator._errors import StateConflict
+from flow_orchestrator._errors import DataKeyNotFound, StateConflict
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._system import ActorSystem
@@ -187,7 +187,9 @@ class NodeActor(Actor):
             raw_input=attempt.raw_input,
             input_model=self.definition.input_model,
             outputs=attempt.outputs,
-            data=WorkflowData(self.system.store, attempt.run_id),
+            data=WorkflowData(
+                self.system.store, attempt.run_id, outputs=functools.partial(self._output_of, attempt.run_id)
+            ),
         )
         request = ExecuteNodeInput(
             workflow=self.definition.name,
@@ -267,6 +269,17 @@ class NodeActor(Actor):
             msg_id=f"{attempt.run_id}.{self.node.name}.{attempt.attempt}.{kind}",
         )
         await msg.ack()
+
+    async def _output_of(self, run_id: str, node: str) -> Any:
+        if node not in self.definition.nodes:
+            raise DataKeyNotFound(f"workflow {self.definition.name!r} has no node {node!r}")
+        names = self.system.names
+        event = await last_event(
+            self.system.bus.js, names.events_stream, names.event(self.definition.name, run_id, node, "completed")
+        )
+        if event is None:
+            raise DataKeyNotFound(f"node {node!r} of run {run_id!r} has not completed")
+        return event.get("output")
 
     def _subject(self, run_id: str, kind: str) -> str:
         return self.system.names.event(self.definition.name, run_id, self.node.name, kind)

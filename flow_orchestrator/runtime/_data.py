@@ -6,7 +6,7 @@ implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -27,10 +27,17 @@ class WorkflowData:
     its compare-and-set on the newest revision. Use :meth:`update` for read-modify-write.
     """
 
-    def __init__(self, store: StateStore, run_id: str) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        run_id: str,
+        *,
+        outputs: Callable[[str], Awaitable[Any]] | None = None,
+    ) -> None:
         self._store = store
         self._run_id = run_id
         self._revisions: dict[str, int] = {}
+        self._outputs = outputs
 
     @property
     def run_id(self) -> str:
@@ -117,6 +124,12 @@ class WorkflowData:
     async def keys(self) -> list[str]:
         prefix = Names.data_key(self._run_id, "")
         return sorted(k[len(prefix) :] for k in await self._store.keys(prefix + "*"))
+
+    async def output(self, node: str) -> Any:
+        """The output of any completed node of this run (read from the run journal)."""
+        if self._outputs is None:
+            raise DataKeyNotFound(f"node outputs are not available here (run {self._run_id!r})")
+        return await self._outputs(node)
 
     async def to_dict(self) -> dict[str, Any]:
         return {key: await self.get(key) for key in await self.keys()}

@@ -1,0 +1,90 @@
+"""Worker lifecycle: a pending retry survives a worker restart; stopping drains in-flight attempts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from flow_orchestrator import NodeContext, NodeStatus, RetryPolicy, Workflow
+from flow_orchestrator.testing import LocalEnvironment, eventually
+
+
+def _retrying_workflow(name: str, delay: float) -> Workflow:
+    wf = Workflow(name)
+
+    @wf.node(retry=RetryPolicy(max_attempts=2, initial=delay, jitter=0.0))
+    async def once_broken(ctx: NodeContext) -> dict[str, int]:
+        if ctx.attempt == 1:
+            raise ConnectionError("downstream service unavailable")
+        return {"attempt": ctx.attempt}
+
+    return wf
+
+
+async def test_retry_delay_survives_a_worker_restart(env_factory: Any) -> None:
+    wf = _retrying_workflow("restartable", delay=1.5)
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("restartable", {})
+
+    async def retry_scheduled() -> bool:
+        return (await handle.status()).nodes["once_broken"].status is NodeStatus.RETRYING
+
+    await eventually(retry_scheduled, within=10)
+    for worker in env.workers:
+        await worker.stop()
+    env.workers.clear()
+    await asyncio.sleep(2.0)  # the retry comes due while no worker runs: it waits in the stream
+    await env.add_worker()
+    assert await handle.result(timeout=20) == {"attempt": 2}
+    journal = await env.client.journal(handle.run_id, "restartable")
+    [scheduled] = [e for e in journal if e["kind"] == "retrying"]
+    assert scheduled["data"]["delay"] == 1.5
+    [retried] = [e for e in journal if e["kind"] == "retry"]
+    assert retried["headers"]["Nats-Scheduler"].endswith(".once_broken.2")  # delivered by the server's scheduler
+
+
+async def test_stop_drains_in_flight_attempts(env_factory: Any) -> None:
+    wf = Workflow("draining")
+    started = asyncio.Event()
+
+    @wf.node()
+    async def slow(ctx: NodeContext) -> str:
+        started.set()
+        await asyncio.sleep(0.5)
+        return "done"
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("draining", {})
+    await asyncio.wait_for(started.wait(), 10)
+    [worker] = env.workers
+    assert worker.in_flight >= 1
+    await worker.stop()  # returns only after the attempt finished and its completion was published
+    env.workers.clear()
+    journal = await env.client.journal(handle.run_id, "draining")
+    assert [e["data"]["output"] for e in journal if e["kind"] == "completed"] == ["done"]
+    # The run's bookkeeping (the supervisor's run completion) resumes with the next worker.
+    await env.add_worker()
+    assert await handle.result(timeout=20) == "done"
+
+
+async def test_stop_releases_attempts_that_outlive_the_grace(env_factory: Any) -> None:
+    wf = Workflow("released")
+    attempts: list[int] = []
+
+    @wf.node()
+    async def stubborn(ctx: NodeContext) -> int:
+        attempts.append(ctx.attempt)
+        if len(attempts) == 1:
+            await asyncio.sleep(30)
+        return ctx.attempt
+
+    env: LocalEnvironment = await env_factory([wf], shutdown_grace=0.2)
+    handle = await env.client.start("released", {})
+    await eventually(lambda: attempts, within=10)
+    [worker] = env.workers
+    await worker.stop()  # the attempt is cancelled and its message released (nak) for another worker
+    env.workers.clear()
+    await env.add_worker()
+    assert await handle.result(timeout=20) == 2
+    journal = await env.client.journal(handle.run_id, "released")
+    assert [e["data"]["attempt"] for e in journal if e["kind"] == "lost"] == [1]
