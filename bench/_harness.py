@@ -55,7 +55,9 @@ def embedded_server() -> Iterator[EmbeddedServer]:
 
 
 @contextmanager
-def worker_processes(url: str, target: str, prefix: str, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+def worker_processes(
+    url: str, target: str, prefix: str, count: int
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``count`` worker subprocesses hosting ``target``; stopped with SIGTERM by PID afterwards."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     procs = [

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import signal
 import sys
 
 from bench._harness import run
@@ -20,10 +22,7 @@ async def main(url: str, target: str, prefix: str) -> None:
     await worker.stop()
 
 
-async def _wait_for_signal() -> "asyncio.Event":
-    import asyncio
-    import signal
-
+async def _wait_for_signal() -> asyncio.Event:
     event = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

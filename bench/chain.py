@@ -20,7 +20,7 @@ async def measure(url: str, prefix: str, warmup: int, runs: int) -> list[float]:
         samples = []
         for i in range(warmup + runs):
             start = time.perf_counter()
-            result = await client.run("chain20", {}, timeout=60)
+            result = await client.run("chain20", {})
             elapsed = (time.perf_counter() - start) * 1000
             if result != {"k": STEPS - 1, "acc": STEPS}:
                 raise AssertionError(f"wrong chain20 result: {result}")
@@ -38,7 +38,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     prefix = f"b{uuid.uuid4().hex[:6]}"
-    with embedded_server() as server, worker_processes(server.url, "bench.workloads:chain20", prefix, args.workers):
+    with (
+        embedded_server() as server,
+        worker_processes(server.url, "bench.workloads:chain20", prefix, args.workers),
+    ):
         samples = run(measure(server.url, prefix, args.warmup, args.runs))
         hop = run(raw_hop_ms(server.url))
     line = result_line(

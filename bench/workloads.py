@@ -52,22 +52,23 @@ def _fan(width: int) -> Workflow:
 
 
 def _diamond() -> Workflow:
+    # Node names A, B, C, D as in BENCH-SPEC.
     wf = Workflow("diamond4")
 
     @wf.node()
-    async def A(ctx: NodeContext) -> dict[str, int]:  # noqa: N802 - names from BENCH-SPEC
+    async def A(ctx: NodeContext) -> dict[str, int]:
         return {"x": ctx.input["x"]}
 
     @wf.node(depends_on=[A])
-    async def B(ctx: NodeContext) -> dict[str, int]:  # noqa: N802
+    async def B(ctx: NodeContext) -> dict[str, int]:
         return {"b": ctx.outputs["A"]["x"] + 1}
 
     @wf.node(depends_on=[A])
-    async def C(ctx: NodeContext) -> dict[str, int]:  # noqa: N802
+    async def C(ctx: NodeContext) -> dict[str, int]:
         return {"c": ctx.outputs["A"]["x"] + 2}
 
     @wf.node(depends_on=[B, C])
-    async def D(ctx: NodeContext) -> dict[str, int]:  # noqa: N802
+    async def D(ctx: NodeContext) -> dict[str, int]:
         return {"d": ctx.outputs["B"]["b"] + ctx.outputs["C"]["c"]}
 
     return wf

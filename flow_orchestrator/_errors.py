@@ -66,6 +66,15 @@ class InvalidPayload(MessageError, ValueError):
     reason = "invalid_payload"
 
 
+def message_error_for(reason: str, message: str) -> MessageError:
+    """The typed error for a dead-letter reason (as recorded in the ``rejected`` event)."""
+    kinds: dict[str, type[MessageError]] = {
+        cls.reason: cls
+        for cls in (MalformedMessage, PayloadTooLarge, InvalidPayload, UnknownWorkflow, InvalidRunId)
+    }
+    return kinds.get(reason, MessageError)(message)
+
+
 class UnknownWorkflow(MessageError, LookupError):
     """No worker has registered a workflow of this name."""
 

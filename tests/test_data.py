@@ -120,7 +120,7 @@ async def test_nodes_share_data_and_read_any_output(env_factory: Any) -> None:
         return {"first": earlier, "second": ctx.output("second"), "keys": await ctx.data.keys()}
 
     env: LocalEnvironment = await env_factory([wf])
-    assert await env.client.run("sharing", {}, timeout=20) == {
+    assert await env.client.run("sharing", {}) == {
         "first": {"v": 1},
         "second": {"v": 11},
         "keys": ["from_first"],

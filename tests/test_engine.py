@@ -11,6 +11,7 @@ import pytest
 from flow_orchestrator import (
     InvalidPayload,
     NodeStatus,
+    PayloadTooLarge,
     RunFailed,
     RunNotFound,
     RunStatus,
@@ -23,14 +24,14 @@ from tests import workflows as wfs
 
 async def test_linear_chain_passes_outputs_down(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wfs.chain(20)])
-    result = await env.client.run("chain", {}, timeout=20)
+    result = await env.client.run("chain", {})
     assert result == {"k": 19, "acc": 20}
 
 
 async def test_diamond_joins_once_and_shares_data(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wfs.diamond])
     handle = await env.client.start("diamond", {"order_id": "o-1", "amount": 12.5})
-    assert await handle.result(timeout=20) == {"shipped": True, "payment": "pmt-o-1", "charged": 12.5}
+    assert await handle.result() == {"shipped": True, "payment": "pmt-o-1", "charged": 12.5}
     snapshot = await handle.status()
     assert snapshot.status is RunStatus.COMPLETED
     assert {n: s.status for n, s in snapshot.nodes.items()} == dict.fromkeys(
@@ -50,14 +51,14 @@ async def _data_keys(env: LocalEnvironment, run_id: str) -> dict[str, Any]:
 
 async def test_fan_out_fan_in_1_20_1(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wfs.fan(20)])
-    results = await asyncio.gather(*(env.client.run("fan", {}, timeout=30) for _ in range(3)))
+    results = await asyncio.gather(*(env.client.run("fan", {}) for _ in range(3)))
     assert results == [{"sum": sum(range(20)), "count": 20}] * 3
 
 
 async def test_retry_then_success_takes_three_attempts(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wfs.failing])
     handle = await env.client.start("failing", {"mode": "flaky"})
-    assert await handle.result(timeout=20) == {"end": True}
+    assert await handle.result() == {"end": True}
     snapshot = await handle.status()
     assert snapshot.nodes["flaky"].attempts == 3
     assert snapshot.nodes["flaky"].output == {"attempt": 3}
@@ -70,7 +71,7 @@ async def test_fail_fast_skips_blocked_nodes(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wfs.failing])
     handle = await env.client.start("failing", {"mode": "always"})
     with pytest.raises(RunFailed, match="flaky") as caught:
-        await handle.result(timeout=20)
+        await handle.result()
     snapshot = caught.value.status
     assert snapshot is not None
     statuses = {n: s.status for n, s in snapshot.nodes.items()}  # type: ignore[attr-defined]
@@ -88,7 +89,7 @@ async def test_non_retryable_error_fails_at_once(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wfs.failing])
     handle = await env.client.start("failing", {"mode": "fatal"})
     with pytest.raises(RunFailed, match="card declined"):
-        await handle.result(timeout=20)
+        await handle.result()
     snapshot = await handle.status()
     assert snapshot.nodes["flaky"].attempts == 1
     assert snapshot.nodes["flaky"].status is NodeStatus.FAILED
@@ -100,7 +101,7 @@ async def test_timeout_cancels_attempt_and_counts_as_failure(env_factory: Any) -
     env: LocalEnvironment = await env_factory([wfs.failing])
     handle = await env.client.start("failing", {"mode": "slow"})
     with pytest.raises(RunFailed, match="timed out"):
-        await handle.result(timeout=30)
+        await handle.result()
     snapshot = await handle.status()
     assert snapshot.nodes["flaky"].attempts == 3
     assert snapshot.nodes["flaky"].error is not None
@@ -111,7 +112,7 @@ async def test_timeout_cancels_attempt_and_counts_as_failure(env_factory: Any) -
 async def test_continue_on_error_lets_downstream_run(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wfs.tolerant])
     handle = await env.client.start("tolerant", {})
-    assert await handle.result(timeout=20) == {"optional": None, "required": {"required": True}}
+    assert await handle.result() == {"optional": None, "required": {"required": True}}
     snapshot = await handle.status()
     assert snapshot.status is RunStatus.COMPLETED
     assert snapshot.nodes["optional"].status is NodeStatus.FAILED
@@ -130,7 +131,7 @@ async def test_sync_action_runs_off_the_event_loop(env_factory: Any) -> None:
 
     task = asyncio.create_task(ticker())
     try:
-        result = await env.client.run("diamond", {"order_id": "o-2", "amount": 1}, timeout=20)
+        result = await env.client.run("diamond", {"order_id": "o-2", "amount": 1})
     finally:
         task.cancel()
     assert result["shipped"] is True
@@ -146,7 +147,7 @@ async def test_trigger_by_raw_msgpack_publish(env_factory: Any) -> None:
     )
     assert not ack.duplicate
     handle = env.client.get_handle("raw-msgpack-1", "diamond")
-    assert (await handle.result(timeout=20))["payment"] == "pmt-raw-1"
+    assert (await handle.result())["payment"] == "pmt-raw-1"
 
 
 async def test_trigger_by_raw_json_publish(env_factory: Any) -> None:
@@ -157,7 +158,7 @@ async def test_trigger_by_raw_json_publish(env_factory: Any) -> None:
         headers={"Nats-Msg-Id": "raw-json-1", "Content-Type": "application/json"},
     )
     handle = env.client.get_handle("raw-json-1", "diamond")
-    assert (await handle.result(timeout=20))["charged"] == 4
+    assert (await handle.result())["charged"] == 4
 
 
 async def test_trigger_without_msg_id_gets_a_generated_run_id(env_factory: Any) -> None:
@@ -178,7 +179,7 @@ async def test_repeated_msg_id_starts_one_run(env_factory: Any) -> None:
     first = await env.client.start("chain", {}, run_id="same-key")
     second = await env.client.start("chain", {}, run_id="same-key")
     assert first.run_id == second.run_id == "same-key"
-    await first.result(timeout=20)
+    await first.result()
     journal = await env.client.journal("same-key", "chain")
     assert [e["kind"] for e in journal if e["node"] == "_run"].count("started") == 1
     assert [e["kind"] for e in journal if e["node"] == "s0"].count("started") == 1
@@ -188,7 +189,7 @@ async def test_repeated_msg_id_beyond_dedup_window_still_one_run(env_factory: An
     # The stream's duplicate window is the first line of defence; the run record's create-only write
     # is the second. Purging the trigger stream makes the stream forget the id, as an expired window would.
     env: LocalEnvironment = await env_factory([wfs.chain(2)])
-    await env.client.run("chain", {}, run_id="late-dup", timeout=20)
+    await env.client.run("chain", {}, run_id="late-dup")
     await env.client.bus.js.purge_stream(env.names.triggers_stream)  # forget the dedup window too
     await env.client.bus.js.publish(
         env.names.trigger("chain"), encode({}), headers={"Nats-Msg-Id": "late-dup"}
@@ -251,8 +252,13 @@ async def test_malformed_and_invalid_triggers_are_dead_lettered(env_factory: Any
     assert all(r["subject"] == subject for r in records)
     rejected = await _rejections(env, "diamond", 5)
     assert {r["reason"] for r in rejected} == set(by_reason)
+    # Whoever waits on a rejected run gets the typed error instead of waiting forever.
+    with pytest.raises(InvalidPayload, match="bad-3"):
+        await env.client.get_handle("bad-3", "diamond").result()
+    with pytest.raises(PayloadTooLarge):
+        await env.client.get_handle("bad-4", "diamond").result()
     # The worker survived all of it and still runs good triggers.
-    assert (await env.client.run("diamond", {"order_id": "ok", "amount": 2}, timeout=20))["charged"] == 2
+    assert (await env.client.run("diamond", {"order_id": "ok", "amount": 2}))["charged"] == 2
     # Nothing is left for redelivery.
     info = await js.consumer_info(env.names.triggers_stream, "trigger_diamond")
     assert info.num_ack_pending == 0
@@ -290,7 +296,7 @@ async def test_trigger_published_before_any_worker_runs_when_one_comes(env_facto
     assert info.state.messages == 1
     assert not await _has_record(first, "waiting-run")
     await first.add_worker()
-    assert await handle.result(timeout=20) == {"k": 2, "acc": 3}
+    assert await handle.result() == {"k": 2, "acc": 3}
 
 
 async def _has_record(env: LocalEnvironment, run_id: str) -> bool:
@@ -311,7 +317,7 @@ async def test_cancel_stops_a_running_run(env_factory: Any) -> None:
 
     await eventually(flaky_running, within=20)
     await handle.cancel("test")
-    record = await handle.wait(timeout=20)
+    record = await handle.wait()
     assert record["status"] == "cancelled"
     snapshot = await eventually(lambda: _settled(handle), within=20)
     assert snapshot.nodes["flaky"].status is NodeStatus.CANCELLED

@@ -99,7 +99,7 @@ async def test_interceptors_see_real_runs_in_order(env_factory: Any) -> None:
         [wf], interceptors=[Recorder("outer", log), HeaderStamp(), Recorder("inner", log)]
     )
     sub = await env.client.bus.nc.subscribe(env.names.event("intercepted", "*", "only", "completed"))
-    assert await env.client.run("intercepted", {}, timeout=20) == 1
+    assert await env.client.run("intercepted", {}) == 1
     assert log == [
         "outer>trigger",
         "inner>trigger",
@@ -131,7 +131,7 @@ async def test_default_retry_and_timeout_interceptors(env_factory: Any) -> None:
         [wf],
         interceptors=[RetryInterceptor(RetryPolicy(max_attempts=2, initial=0.0)), TimeoutInterceptor(0.2)],
     )
-    assert await env.client.run("defaults", {}, timeout=20) == 2
+    assert await env.client.run("defaults", {}) == 2
     assert attempts == [1, 2]
 
 
@@ -148,4 +148,4 @@ async def test_interceptor_error_fails_the_attempt(env_factory: Any) -> None:
 
     env: LocalEnvironment = await env_factory([wf], interceptors=[Deny()])
     with pytest.raises(RunFailed, match="not allowed"):
-        await env.client.run("denied", {}, timeout=20)
+        await env.client.run("denied", {})

@@ -35,12 +35,14 @@ async def test_retry_delay_survives_a_worker_restart(env_factory: Any) -> None:
     env.workers.clear()
     await asyncio.sleep(2.0)  # the retry comes due while no worker runs: it waits in the stream
     await env.add_worker()
-    assert await handle.result(timeout=20) == {"attempt": 2}
+    assert await handle.result() == {"attempt": 2}
     journal = await env.client.journal(handle.run_id, "restartable")
     [scheduled] = [e for e in journal if e["kind"] == "retrying"]
     assert scheduled["data"]["delay"] == 1.5
     [retried] = [e for e in journal if e["kind"] == "retry"]
-    assert retried["headers"]["Nats-Scheduler"].endswith(".once_broken.2")  # delivered by the server's scheduler
+    assert retried["headers"]["Nats-Scheduler"].endswith(
+        ".once_broken.2"
+    )  # delivered by the server's scheduler
 
 
 async def test_stop_drains_in_flight_attempts(env_factory: Any) -> None:
@@ -64,7 +66,7 @@ async def test_stop_drains_in_flight_attempts(env_factory: Any) -> None:
     assert [e["data"]["output"] for e in journal if e["kind"] == "completed"] == ["done"]
     # The run's bookkeeping (the supervisor's run completion) resumes with the next worker.
     await env.add_worker()
-    assert await handle.result(timeout=20) == "done"
+    assert await handle.result() == "done"
 
 
 async def test_stop_releases_attempts_that_outlive_the_grace(env_factory: Any) -> None:
@@ -85,6 +87,6 @@ async def test_stop_releases_attempts_that_outlive_the_grace(env_factory: Any) -
     await worker.stop()  # the attempt is cancelled and its message released (nak) for another worker
     env.workers.clear()
     await env.add_worker()
-    assert await handle.result(timeout=20) == 2
+    assert await handle.result() == 2
     journal = await env.client.journal(handle.run_id, "released")
     assert [e["data"]["attempt"] for e in journal if e["kind"] == "lost"] == [1]

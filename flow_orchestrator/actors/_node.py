@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -32,6 +32,7 @@ from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode
 from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event
+from flow_orchestrator.bus._propagation import trace_headers
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.bus.types import ExecuteNodeInput
 from flow_orchestrator.runtime._context import NodeContext
@@ -47,6 +48,7 @@ class Attempt:
     raw_input: Any
     outputs: dict[str, Any]
     started_at: float = 0.0
+    trace: dict[str, str] = field(default_factory=dict)
 
 
 class NodeActor(Actor):
@@ -116,6 +118,7 @@ class NodeActor(Actor):
                 await msg.ack()
                 return
             attempt = joined
+        attempt.trace = trace_headers(msg.headers)
         if redelivered and not await self._resume(attempt, redelivered):
             await msg.ack()
             return
@@ -172,6 +175,7 @@ class NodeActor(Actor):
         await self.system.emit(
             self._subject(attempt.run_id, "lost"),
             {"attempt": lost, "reason": "delivery timed out: the worker holding it stopped or stalled"},
+            headers=attempt.trace,
             durable=False,
         )
         attempt.attempt += redelivered
@@ -207,6 +211,7 @@ class NodeActor(Actor):
         await self.system.emit(
             self._subject(attempt.run_id, "started"),
             {"attempt": attempt.attempt, "worker": self.system.worker_id, "started_at": attempt.started_at},
+            headers=attempt.trace,
             durable=False,
         )
         task = asyncio.current_task()
@@ -236,12 +241,13 @@ class NodeActor(Actor):
             "finished_at": time.time(),
             "worker": self.system.worker_id,
         }
-        try:
+        # A conflict means a racing duplicate completed the node first: the first completion stands.
+        with contextlib.suppress(StateConflict):
             await self.system.emit(
-                self._subject(attempt.run_id, "completed"), body, headers=EXPECT_NEW_SUBJECT
+                self._subject(attempt.run_id, "completed"),
+                body,
+                headers={**attempt.trace, **EXPECT_NEW_SUBJECT},
             )
-        except StateConflict:
-            pass  # completed already (a racing duplicate won): the first completion stands
         await msg.ack()
 
     async def _finish_failed(
@@ -267,6 +273,7 @@ class NodeActor(Actor):
             self._subject(attempt.run_id, kind),
             body,
             msg_id=f"{attempt.run_id}.{self.node.name}.{attempt.attempt}.{kind}",
+            headers=attempt.trace,
         )
         await msg.ack()
 
@@ -275,7 +282,9 @@ class NodeActor(Actor):
             raise DataKeyNotFound(f"workflow {self.definition.name!r} has no node {node!r}")
         names = self.system.names
         event = await last_event(
-            self.system.bus.js, names.events_stream, names.event(self.definition.name, run_id, node, "completed")
+            self.system.bus.js,
+            names.events_stream,
+            names.event(self.definition.name, run_id, node, "completed"),
         )
         if event is None:
             raise DataKeyNotFound(f"node {node!r} of run {run_id!r} has not completed")

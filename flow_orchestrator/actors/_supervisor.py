@@ -19,6 +19,7 @@ from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode
+from flow_orchestrator.bus._propagation import trace_headers
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.runtime._status import RunStatus
 from flow_orchestrator.runtime._workflow import WorkflowDefinition
@@ -55,15 +56,18 @@ class SupervisorActor(Actor):
     async def receive(self, msg: Msg) -> None:
         _, run_id, node, kind = parse_event_subject(msg.subject)
         payload = decode(msg.data) if msg.data else {}
+        trace = trace_headers(msg.headers)
         if node == RUN_TOKEN and kind == "cancel":
-            await self._cancel(run_id, payload)
+            await self._cancel(run_id, payload, trace)
         elif kind == "attempt_failed":
-            await self._attempt_failed(run_id, node, payload)
+            await self._attempt_failed(run_id, node, payload, trace)
         elif kind == "completed" and node in self.sinks:
-            await self._sink_resolved(run_id, node, payload.get("output"))
+            await self._sink_resolved(run_id, node, payload.get("output"), trace)
         await msg.ack()
 
-    async def _attempt_failed(self, run_id: str, node: str, payload: dict[str, Any]) -> None:
+    async def _attempt_failed(
+        self, run_id: str, node: str, payload: dict[str, Any], trace: dict[str, str]
+    ) -> None:
         attempt = int(payload["attempt"])
         error = payload.get("error") or {}
         if payload.get("retry"):
@@ -72,7 +76,7 @@ class SupervisorActor(Actor):
             delay = (
                 min(float(requested), policy.max_delay) if requested is not None else policy.delay(attempt)
             )
-            await self._schedule_retry(run_id, node, attempt + 1, delay, payload)
+            await self._schedule_retry(run_id, node, attempt + 1, delay=delay, payload=payload, trace=trace)
             return
         spec = self.definition.nodes[node]
         if spec.continue_on_error:
@@ -80,14 +84,22 @@ class SupervisorActor(Actor):
                 self._subject(run_id, node, "failed"),
                 {"output": None, "input": payload.get("input"), "error": error, "attempt": attempt},
                 msg_id=f"{run_id}.{node}.failed",
+                headers=trace,
             )
             if node in self.sinks:
-                await self._sink_resolved(run_id, node, None)
+                await self._sink_resolved(run_id, node, None, trace)
             return
-        await self._fail_run(run_id, node, error)
+        await self._fail_run(run_id, node, error, trace)
 
     async def _schedule_retry(
-        self, run_id: str, node: str, attempt: int, delay: float, payload: dict[str, Any]
+        self,
+        run_id: str,
+        node: str,
+        attempt: int,
+        *,
+        delay: float,
+        payload: dict[str, Any],
+        trace: dict[str, str],
     ) -> None:
         names = self.system.names
         body = {"attempt": attempt, "input": payload.get("input"), "outputs": payload.get("outputs") or {}}
@@ -95,19 +107,21 @@ class SupervisorActor(Actor):
         await self.system.emit(
             self._subject(run_id, node, "retrying"),
             {"attempt": attempt - 1, "next_attempt": attempt, "delay": delay, "error": payload.get("error")},
+            headers=trace,
             durable=False,
         )
         if delay <= 0:
-            await self.system.emit(target, body, msg_id=f"{run_id}.{node}.{attempt}.retry")
+            await self.system.emit(target, body, msg_id=f"{run_id}.{node}.{attempt}.retry", headers=trace)
             return
+        # The server keeps a scheduled message's own headers when it delivers it: the trace goes along.
         await self.system.emit(
             names.schedule(self.definition.name, run_id, node, attempt),
             body,
             msg_id=f"{run_id}.{node}.{attempt}.schedule",
-            headers={SCHEDULE: schedule_time(delay), SCHEDULE_TARGET: target},
+            headers={**trace, SCHEDULE: schedule_time(delay), SCHEDULE_TARGET: target},
         )
 
-    async def _fail_run(self, run_id: str, node: str, error: dict[str, Any]) -> None:
+    async def _fail_run(self, run_id: str, node: str, error: dict[str, Any], trace: dict[str, str]) -> None:
         info = {"node": node, "type": error.get("type"), "message": error.get("message")}
 
         def fail(current: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -116,9 +130,9 @@ class SupervisorActor(Actor):
             return {**current, "status": RunStatus.FAILED.value, "error": info, "finished_at": time.time()}
 
         written, _ = await self.system.store.mutate(Names.run_key(run_id), fail)
-        await self._announce_end(run_id, written)
+        await self._announce_end(run_id, written, trace)
 
-    async def _sink_resolved(self, run_id: str, sink: str, output: Any) -> None:
+    async def _sink_resolved(self, run_id: str, sink: str, output: Any, trace: dict[str, str]) -> None:
         def resolve(current: dict[str, Any] | None) -> dict[str, Any] | None:
             if current is None or current.get("status") != _RUNNING:
                 return None
@@ -133,26 +147,28 @@ class SupervisorActor(Actor):
 
         written, _ = await self.system.store.mutate(Names.run_key(run_id), resolve)
         if written is None or written["status"] != _RUNNING:
-            await self._announce_end(run_id, written)
+            await self._announce_end(run_id, written, trace)
 
-    async def _cancel(self, run_id: str, payload: dict[str, Any]) -> None:
+    async def _cancel(self, run_id: str, payload: dict[str, Any], trace: dict[str, str]) -> None:
         def cancel(current: dict[str, Any] | None) -> dict[str, Any] | None:
             if current is None or current.get("status") != _RUNNING:
                 return None
+            error = {"type": "RunCancelled", "message": payload.get("reason") or "cancelled"}
             return {
                 **current,
                 "status": RunStatus.CANCELLED.value,
                 "finished_at": time.time(),
-                "error": {"type": "RunCancelled", "message": payload.get("reason") or "cancelled"},
+                "error": error,
             }
 
         written, _ = await self.system.store.mutate(Names.run_key(run_id), cancel)
-        await self._announce_end(run_id, written)
+        await self._announce_end(run_id, written, trace)
 
-    async def _announce_end(self, run_id: str, written: dict[str, Any] | None) -> None:
+    async def _announce_end(self, run_id: str, written: dict[str, Any] | None, trace: dict[str, str]) -> None:
         """Publish the run's terminal event. Also when this delivery changed nothing (``written`` is
         None): a redelivery after a crash between the record write and the event must still announce
-        it; the message id makes a repeat harmless."""
+        it; the message id makes a repeat harmless. The run's own trace context (kept in its record)
+        goes on the event, so tracing can close the run's root span."""
         record = written
         if record is None:
             current = await self.system.store.get(Names.run_key(run_id))
@@ -160,12 +176,19 @@ class SupervisorActor(Actor):
         if record is None or record.get("status") == _RUNNING:
             return
         status = record["status"]
-        body = (
-            {"results": record.get("results")}
-            if status == RunStatus.COMPLETED.value
-            else {"error": record.get("error")}
+        body: dict[str, Any] = {
+            "created_at": record.get("created_at"),
+            "finished_at": record.get("finished_at"),
+            "attempts_lost": record.get("attempts_lost", 0),
+        }
+        if status == RunStatus.COMPLETED.value:
+            body["results"] = record.get("results")
+        else:
+            body["error"] = record.get("error")
+        headers = {**trace, **trace_headers(record.get("trace"))}
+        await self.system.emit(
+            self._run_subject(run_id, status), body, msg_id=f"{run_id}.run.{status}", headers=headers
         )
-        await self.system.emit(self._run_subject(run_id, status), body, msg_id=f"{run_id}.run.{status}")
 
     def _subject(self, run_id: str, node: str, kind: str) -> str:
         return self.system.names.event(self.definition.name, run_id, node, kind)

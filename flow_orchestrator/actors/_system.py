@@ -22,7 +22,7 @@ from flow_orchestrator.bus._dlq import dead_letter
 from flow_orchestrator.bus._interceptors import InterceptorChain
 from flow_orchestrator.bus._journal import is_subject_conflict
 from flow_orchestrator.bus._kv import StateStore
-from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
+from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, is_valid_run_id, parse_event_subject
 from flow_orchestrator.bus.types import PublishInput
 
 log = logging.getLogger("flow_orchestrator.actors")
@@ -136,6 +136,10 @@ class ActorSystem:
 
     async def dead_letter(self, msg: Msg, *, reason: str, error: BaseException | str) -> int:
         workflow, run_id = _workflow_and_run(msg.subject, self.names)
+        if run_id is None:
+            # A trigger's run id is its Nats-Msg-Id: name the run, so whoever waits on it hears why.
+            given = (msg.headers or {}).get(MSG_ID)
+            run_id = given if given is not None and is_valid_run_id(given) else None
         return await dead_letter(
             self.bus.js, self.names, msg, workflow=workflow, reason=reason, error=error, run_id=run_id
         )

@@ -19,12 +19,11 @@ from flow_orchestrator._errors import InvalidRunId, StateConflict, UnknownWorkfl
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._system import MSG_ID, ActorSystem
 from flow_orchestrator.bus._codec import decode_trigger
+from flow_orchestrator.bus._propagation import trace_headers
 from flow_orchestrator.bus._subjects import Names, is_valid_run_id
 from flow_orchestrator.bus.types import TriggerInput
 from flow_orchestrator.runtime._status import RunStatus
 from flow_orchestrator.runtime._workflow import WorkflowDefinition
-
-TRACEPARENT = "traceparent"
 
 
 def run_id_for(msg: Msg) -> str:
@@ -71,9 +70,10 @@ class TriggerActor(Actor):
         run_id = run_id_for(msg)
         headers = dict(msg.headers or {})
         payload = decode_trigger(msg.data, headers, self.system.max_trigger_bytes)
-        validated = await self.system.chain.receive_trigger(
-            TriggerInput(self.definition.name, run_id, payload, headers, self.definition.input_model)
-        )
+        request = TriggerInput(self.definition.name, run_id, payload, headers, self.definition.input_model)
+        validated = await self.system.chain.receive_trigger(request)
+        # Interceptors may have set the run's trace context (a tracing interceptor does): keep it.
+        trace = trace_headers(request.headers)
         seq = int(msg.metadata.sequence.stream)
         record: dict[str, Any] = {
             "workflow": self.definition.name,
@@ -83,8 +83,8 @@ class TriggerActor(Actor):
             "trigger_seq": seq,
             "results": {},
         }
-        if TRACEPARENT in headers:
-            record["traceparent"] = headers[TRACEPARENT]
+        if trace:
+            record["trace"] = trace
         key = Names.run_key(run_id)
         try:
             await self.system.store.create(key, record)
@@ -96,12 +96,11 @@ class TriggerActor(Actor):
                 await msg.ack()
                 return
             record = existing.value
-        carried = {TRACEPARENT: headers[TRACEPARENT]} if TRACEPARENT in headers else None
         await self.system.emit(
             self.system.names.run_event(self.definition.name, run_id, "started"),
             {"input": record["input"], "created_at": record["created_at"]},
             msg_id=f"{run_id}.run.started",
-            headers=carried,
+            headers=trace_headers(record.get("trace")),
         )
         await msg.ack()
 

@@ -18,7 +18,7 @@ class TriggerInput:
     workflow: str
     run_id: str
     payload: Any
-    headers: Mapping[str, str]
+    headers: dict[str, str]
     input_model: type[Any] | None = None
 
 

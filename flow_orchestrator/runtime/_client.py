@@ -14,13 +14,20 @@ from typing import Any
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
-from flow_orchestrator._errors import InvalidPayload, RunCancelled, RunFailed, RunNotFound, UnknownWorkflow
-from flow_orchestrator.bus._codec import CONTENT_TYPE, MSGPACK_TYPE, encode
+from flow_orchestrator._errors import (
+    InvalidPayload,
+    RunCancelled,
+    RunFailed,
+    RunNotFound,
+    UnknownWorkflow,
+    message_error_for,
+)
+from flow_orchestrator.bus._codec import CONTENT_TYPE, MSGPACK_TYPE, decode, encode
 from flow_orchestrator.bus._connection import DEFAULT_URL, Bus, connect
-from flow_orchestrator.bus._journal import read_events
+from flow_orchestrator.bus._journal import last_event, read_events
 from flow_orchestrator.bus._kv import StateStore
 from flow_orchestrator.bus._streams import StorageSettings, provision
-from flow_orchestrator.bus._subjects import Names, check_run_id, parse_event_subject
+from flow_orchestrator.bus._subjects import TRIGGER_TOKEN, Names, check_run_id, parse_event_subject
 from flow_orchestrator.runtime._journal import NodeView, fold_events
 from flow_orchestrator.runtime._status import NodeStatus, RunStatus, derive_node_statuses
 from flow_orchestrator.runtime._workflow import Workflow, shape_from_description
@@ -90,35 +97,55 @@ class RunHandle:
         self.run_id = run_id
         self.workflow = workflow
 
-    async def wait(self, timeout: float | None = None) -> dict[str, Any]:
-        """Wait until the run ends; return its run record."""
+    async def wait(self) -> dict[str, Any]:
+        """Wait until the run ends; return its run record. If a worker rejected the trigger (bad
+        payload, unknown workflow...), raise that typed error instead of waiting forever.
+        To bound the wait, wrap the call: ``async with asyncio.timeout(30): await handle.wait()``."""
         names = self.client.names
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
 
-        async def on_event(msg: Msg) -> None:
-            kind = parse_event_subject(msg.subject)[3]
-            if kind in _TERMINAL_RUN and not done.done():
+        async def on_run_event(msg: Msg) -> None:
+            if parse_event_subject(msg.subject)[3] in _TERMINAL_RUN and not done.done():
                 done.set_result(None)
 
-        sub = await self.client.bus.nc.subscribe(
-            names.run_event(self.workflow, self.run_id, "*"), cb=on_event
-        )
+        async def on_rejected(msg: Msg) -> None:
+            if not done.done():
+                done.set_result(decode(msg.data))
+
+        nc = self.client.bus.nc
+        subs = [
+            await nc.subscribe(names.run_event(self.workflow, self.run_id, "*"), cb=on_run_event),
+            await nc.subscribe(
+                names.event(self.workflow, self.run_id, TRIGGER_TOKEN, "rejected"), cb=on_rejected
+            ),
+        ]
         try:
             record = await self.client._run_record(self.run_id)
+            if record is None:
+                rejected = await self.client._rejection(self.workflow, self.run_id)
+                if rejected is not None and not done.done():
+                    done.set_result(rejected)
             if record is None or record.get("status") not in _TERMINAL_RUN:
-                await asyncio.wait_for(done, timeout)
+                rejected = await done
+                if rejected is not None:
+                    raise message_error_for(
+                        str(rejected.get("reason")),
+                        f"run {self.run_id!r} of {self.workflow!r} was rejected: {rejected.get('error')}",
+                    )
                 record = await self.client._run_record(self.run_id)
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         if record is None:
             raise RunNotFound(f"run {self.run_id!r} has no record")
         return record
 
-    async def result(self, timeout: float | None = None) -> Any:
+    async def result(self) -> Any:
         """The run's output: its sink node's output (a dict by sink name when it has several).
-        Raises :class:`RunFailed` or :class:`RunCancelled` when the run did not complete."""
-        record = await self.wait(timeout)
+        Raises :class:`RunFailed` or :class:`RunCancelled` when the run did not complete, and the
+        trigger's typed error (``InvalidPayload``...) when a worker rejected it."""
+        record = await self.wait()
         status = record["status"]
         if status == RunStatus.COMPLETED.value:
             results: dict[str, Any] = record.get("results") or {}
@@ -183,7 +210,8 @@ class Client:
             found = await self.store.get(Names.workflow_key(workflow))
             if found is None:
                 raise UnknownWorkflow(
-                    f"no worker has registered workflow {workflow!r}; start one with `flowctl worker MODULE:ATTR`"
+                    f"no worker has registered workflow {workflow!r}; "
+                    "start one with `flowctl worker MODULE:ATTR`"
                 )
             self._registry[workflow] = found.value
         return self._registry[workflow]
@@ -213,11 +241,10 @@ class Client:
         input: Any = None,
         *,
         run_id: str | None = None,
-        timeout: float | None = None,
     ) -> Any:
-        """Start a run and wait for its output."""
+        """Start a run and wait for its output (bound it with ``asyncio.timeout`` if needed)."""
         handle = await self.start(workflow, input, run_id=run_id)
-        return await handle.result(timeout)
+        return await handle.result()
 
     def get_handle(self, run_id: str, workflow: str) -> RunHandle:
         return RunHandle(self, check_run_id(run_id), workflow)
@@ -228,6 +255,11 @@ class Client:
         if record is None:
             raise RunNotFound(f"no run with id {run_id!r} (it never started, or its record expired)")
         return RunHandle(self, run_id, record["workflow"])
+
+    async def _rejection(self, workflow: str, run_id: str) -> dict[str, Any] | None:
+        """The ``rejected`` event of a run's trigger, if a worker dead-lettered it."""
+        subject = self.names.event(workflow, run_id, TRIGGER_TOKEN, "rejected")
+        return await last_event(self.bus.js, self.names.events_stream, subject)
 
     async def _run_record(self, run_id: str) -> dict[str, Any] | None:
         found = await self.store.get(Names.run_key(check_run_id(run_id)))
