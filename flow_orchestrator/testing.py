@@ -149,7 +149,7 @@ class LocalEnvironment:
         spec = workflow.definition.nodes[node]
         bus: Bus = await connect(self.url)
         try:
-            store = await provision(bus.js, self.names, StorageSettings())
+            store = await provision(bus.js, self.names, StorageSettings(), update=False)
             run_data = WorkflowData(store, run_id or f"isolated-{uuid.uuid4().hex[:8]}")
             for key, value in (data or {}).items():
                 await run_data.set(key, value)

@@ -39,9 +39,14 @@ async def connect(
     *,
     name: str = "flow-orchestrator",
     connect_timeout: float = 5.0,
+    first_attempts: int = 8,
     user_credentials: str | None = None,
 ) -> Bus:
-    """Connect to NATS (a comma-separated list of servers is fine) with reconnection on."""
+    """Connect to NATS (a comma-separated list of servers is fine).
+
+    The first connection gives up after ``first_attempts`` tries per server (a wrong URL fails fast
+    with ``nats.errors.NoServersError``); once connected, it reconnects forever.
+    """
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats connection error: %s", exc)
@@ -57,7 +62,7 @@ async def connect(
         servers=_split_urls(url),
         name=name,
         connect_timeout=connect_timeout,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=first_attempts,
         reconnect_time_wait=0.25,
         allow_reconnect=True,
         error_cb=on_error,
@@ -65,4 +70,7 @@ async def connect(
         reconnected_cb=on_reconnected,
         user_credentials=user_credentials,
     )
+    # nats-py applies one limit to the first connection and to reconnections; from now on a lost
+    # connection is retried forever (workers must ride out server restarts and leader changes).
+    nc.options["max_reconnect_attempts"] = -1
     return Bus(nc=nc, js=nc.jetstream())

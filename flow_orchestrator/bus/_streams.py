@@ -36,17 +36,24 @@ class StorageSettings:
     duplicate_window: float = 120.0
 
 
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: bool) -> None:
     try:
         await js.add_stream(config)
     except js_errors.BadRequestError as exc:
         if exc.err_code != _STREAM_IN_USE:
             raise
-        await js.update_stream(config)
+        if update:
+            await js.update_stream(config)
 
 
-async def provision(js: JetStreamContext, names: Names, settings: StorageSettings) -> StateStore:
-    """Create or update the triggers, events and dead-letter streams and the state bucket."""
+async def provision(
+    js: JetStreamContext, names: Names, settings: StorageSettings, *, update: bool = True
+) -> StateStore:
+    """Create the triggers, events and dead-letter streams and the state bucket where missing.
+
+    Workers pass ``update=True`` so a deployment's settings (replicas, retention) follow its
+    workers' configuration; clients pass ``update=False`` and never change what exists.
+    """
     storage = StorageType.MEMORY if settings.memory else StorageType.FILE
     common = {"num_replicas": settings.replicas, "storage": storage, "retention": RetentionPolicy.LIMITS}
     await _ensure_stream(
@@ -59,6 +66,7 @@ async def provision(js: JetStreamContext, names: Names, settings: StorageSetting
             allow_direct=True,
             **common,  # type: ignore[arg-type]
         ),
+        update=update,
     )
     await _ensure_stream(
         js,
@@ -72,6 +80,7 @@ async def provision(js: JetStreamContext, names: Names, settings: StorageSetting
             allow_msg_ttl=True,
             **common,  # type: ignore[arg-type]
         ),
+        update=update,
     )
     await _ensure_stream(
         js,
@@ -83,6 +92,7 @@ async def provision(js: JetStreamContext, names: Names, settings: StorageSetting
             allow_direct=True,
             **common,  # type: ignore[arg-type]
         ),
+        update=update,
     )
     try:
         kv = await js.key_value(names.state_bucket)

@@ -187,7 +187,7 @@ class Client:
         names = Names(prefix)
         bus = await connect(nats_url or os.environ.get("NATS_URL", DEFAULT_URL), name="flow-client")
         try:
-            store = await provision(bus.js, names, storage or StorageSettings())
+            store = await provision(bus.js, names, storage or StorageSettings(), update=False)
         except BaseException:
             await bus.close()
             raise

@@ -173,13 +173,22 @@ class Worker:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop_requested.set)
-        await self.start()
+        # A signal during start() (say, while the server is unreachable) must still stop the worker.
+        starting = asyncio.create_task(self.start())
+        requested = asyncio.create_task(stop_requested.wait())
         try:
-            waiters = [asyncio.create_task(stop_requested.wait()), asyncio.create_task(self._stopped.wait())]
-            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
+            await asyncio.wait([starting, requested], return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # raise a failed start
+                stopped = asyncio.create_task(self._stopped.wait())
+                await asyncio.wait([requested, stopped], return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+            else:
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
         finally:
+            requested.cancel()
             await self.stop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -1,0 +1,274 @@
+"""How ``flowctl`` shows things: run tables and the live view (rich), and the DAG as text or Mermaid.
+
+Everything degrades for logs: without a terminal the live view prints one line per status change,
+then the final table, so CI output stays readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from flow_orchestrator._errors import RunNotFound
+from flow_orchestrator.runtime._client import Client, NodeSnapshot, RunHandle, RunSnapshot
+from flow_orchestrator.runtime._status import NodeStatus, RunStatus
+from flow_orchestrator.runtime._workflow import WorkflowDefinition
+
+STATUS_STYLES: Mapping[str, str] = {
+    "pending": "dim",
+    "running": "cyan",
+    "retrying": "yellow",
+    "waiting": "blue",
+    "completed": "green",
+    "failed": "bold red",
+    "skipped": "magenta",
+    "bypassed": "dim",
+    "cancelled": "yellow",
+    "compensated": "blue",
+    "compensation_failed": "bold red",
+}
+TERMINAL_RUN = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+LOG_WIDTH = 160
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console for the CLI. Without a terminal (CI logs, pipes) rich would assume 80 columns and
+    squeeze the tables; logs take long lines, so use a wider fixed width unless COLUMNS says otherwise."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = LOG_WIDTH
+    return console
+
+
+def status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLES.get(status, ""))
+
+
+def _error_text(error: Mapping[str, Any] | None) -> str:
+    if not error:
+        return ""
+    return f"{error.get('type') or 'Error'}: {error.get('message') or ''}"
+
+
+def render_snapshot(snapshot: RunSnapshot, *, title: str | None = None) -> RenderableType:
+    """A heading line, then one row per node in topological order: status (coloured), attempts,
+    duration of the last attempt and its error. The heading sits outside the table so it never wraps
+    into the table's (possibly narrow) width."""
+    heading = Text(title or f"run {snapshot.run_id} of {snapshot.workflow}: ", style="bold")
+    if title is None:
+        heading.append_text(status_text(snapshot.status.value))
+    table = Table()
+    table.add_column("node", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("attempts", justify="right")
+    table.add_column("duration ms", justify="right")
+    table.add_column("error", overflow="fold")
+    for name, node in snapshot.nodes.items():
+        duration = f"{node.duration * 1000:.1f}" if node.duration is not None else ""
+        table.add_row(
+            name,
+            status_text(node.status.value),
+            str(node.attempts) if node.attempts else "",
+            duration,
+            Text(_error_text(node.error), style="red"),
+        )
+    return Group(heading, table)
+
+
+def render_result(snapshot: RunSnapshot) -> RenderableType:
+    """The run's output when it completed (its sink's output), else what stopped it."""
+    if snapshot.status is RunStatus.COMPLETED:
+        results = dict(snapshot.results)
+        result = next(iter(results.values())) if len(results) == 1 else results
+        return Group(Text("result:", style="bold"), Text(_json(result)))
+    error = snapshot.error or {}
+    where = f" at node {error['node']}" if error.get("node") else ""
+    return Text(f"run {snapshot.status.value}{where}: {_error_text(error)}", style="bold red")
+
+
+def render_runs(runs: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(title=f"{len(runs)} run(s), newest first", title_justify="left")
+    # Run ids are what users copy into the next command: never shorten them; the error column gives way.
+    id_width = max((len(str(run["run_id"])) for run in runs), default=6)
+    table.add_column("run id", no_wrap=True, min_width=id_width)
+    table.add_column("workflow", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("duration s", justify="right")
+    table.add_column("error", overflow="fold")
+    for run in runs:
+        created, finished = run.get("created_at"), run.get("finished_at")
+        duration = f"{finished - created:.2f}" if created and finished else ""
+        when = dt.datetime.fromtimestamp(created).strftime("%m-%d %H:%M:%S") if created else ""
+        table.add_row(
+            str(run["run_id"]),
+            str(run.get("workflow")),
+            status_text(str(run.get("status"))),
+            when,
+            duration,
+            Text(_error_text(run.get("error")), style="red"),
+        )
+    return table
+
+
+async def watch_run(
+    client: Client, handle: RunHandle, console: Console, interval: float = 0.1
+) -> RunSnapshot:
+    """Follow a run until its record is terminal, then print the final table and its result.
+
+    On a terminal the table refreshes in place; otherwise each node's status change is one line.
+    ``client`` supplies the workflow's shape, so all nodes show (pending) before a worker accepts the run.
+    A trigger that a worker rejects (invalid payload...) never gets a record: its typed error is raised.
+    It waits as long as the run lasts: bound it with ``asyncio.timeout``.
+    """
+    description = await client.describe(handle.workflow)
+    waiting = RunSnapshot(
+        run_id=handle.run_id,
+        workflow=handle.workflow,
+        status=RunStatus.RUNNING,
+        nodes={name: NodeSnapshot(NodeStatus.PENDING) for name in description["order"]},
+    )
+    # handle.wait() is what notices a rejected trigger; polling alone would wait for a record forever.
+    ended = asyncio.ensure_future(handle.wait())
+    try:
+        if console.is_terminal:
+            title = f"run {handle.run_id} of {handle.workflow}: waiting for a worker to accept it"
+            with Live(render_snapshot(waiting, title=title), console=console, transient=True) as live:
+                final = await _follow(
+                    handle, ended, interval, lambda snap: live.update(render_snapshot(snap))
+                )
+        else:
+            final = await _follow(handle, ended, interval, _ChangePrinter(console, waiting))
+    finally:
+        ended.cancel()
+    console.print(render_snapshot(final))
+    console.print(render_result(final))
+    return final
+
+
+async def _follow(
+    handle: RunHandle, ended: asyncio.Future[Any], interval: float, show: Callable[[RunSnapshot], None]
+) -> RunSnapshot:
+    while True:
+        try:
+            snapshot: RunSnapshot | None = await handle.status()
+        except RunNotFound:
+            snapshot = None  # the trigger is not accepted yet: no worker has picked it up
+        if snapshot is not None:
+            show(snapshot)
+            if snapshot.status in TERMINAL_RUN:
+                return snapshot
+        rejected = ended.exception() if ended.done() else None
+        if rejected is not None:
+            raise rejected
+        await asyncio.wait({ended}, timeout=interval)
+
+
+class _ChangePrinter:
+    """Prints a line whenever the run or one of its nodes changes status or attempt (for logs)."""
+
+    def __init__(self, console: Console, initial: RunSnapshot) -> None:
+        self.console = console
+        self.started = time.monotonic()
+        self.seen = {name: (node.status.value, node.attempts) for name, node in initial.nodes.items()}
+        self.run_status: str | None = None
+
+    def __call__(self, snapshot: RunSnapshot) -> None:
+        elapsed = f"{time.monotonic() - self.started:6.2f}s"
+        if snapshot.status.value != self.run_status and snapshot.status not in TERMINAL_RUN:
+            self._run_line(elapsed, snapshot)
+        for name, node in snapshot.nodes.items():
+            state = (node.status.value, node.attempts)
+            if self.seen.get(name) == state:
+                continue
+            self.seen[name] = state
+            line = Text(f"{elapsed}  {name:<20} ")
+            line.append_text(status_text(node.status.value))
+            if node.attempts:
+                line.append(f" (attempt {node.attempts})")
+            if node.error and node.status in (NodeStatus.RETRYING, NodeStatus.FAILED):
+                line.append(f" {_error_text(node.error)}", style="red")
+            self.console.print(line)
+        if snapshot.status.value != self.run_status:
+            self._run_line(elapsed, snapshot)
+
+    def _run_line(self, elapsed: str, snapshot: RunSnapshot) -> None:
+        """The run's own status: before its nodes' lines while it runs, after them once it ended."""
+        self.run_status = snapshot.status.value
+        line = Text(f"{elapsed}  run {snapshot.run_id} ")
+        self.console.print(line.append_text(status_text(snapshot.status.value)))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str, ensure_ascii=False)
+
+
+# --- the DAG -------------------------------------------------------------------------------------
+def _depths(definition: WorkflowDefinition) -> dict[str, int]:
+    depth: dict[str, int] = {}
+    for name in definition.order:
+        ups = definition.nodes[name].upstreams
+        depth[name] = 1 + max(depth[u] for u in ups) if ups else 0
+    return depth
+
+
+def render_graph_text(definition: WorkflowDefinition) -> str:
+    """The nodes in topological order, indented by depth, each with ``<- upstreams`` and its options."""
+    model = definition.input_model
+    lines = [
+        f"workflow {definition.name}: {len(definition.nodes)} node(s)"
+        + (f", input {model.__name__}" if model is not None else "")
+    ]
+    depth = _depths(definition)
+    width = max(2 * depth[n] + len(n) for n in definition.order)
+    for name in definition.order:
+        spec = definition.nodes[name]
+        label = "  " * depth[name] + name
+        line = f"  {label:<{width}}"
+        if spec.upstreams:
+            line += "  <- " + ", ".join(spec.upstreams)
+        notes = []
+        if spec.retry is not None and spec.retry.max_attempts > 1:
+            notes.append(f"retry x{spec.retry.max_attempts}")
+        if spec.timeout is not None:
+            notes.append(f"timeout {spec.timeout:g}s")
+        if spec.continue_on_error:
+            notes.append("continue on error")
+        if not spec.is_async:
+            notes.append("sync")
+        if notes:
+            line += f"  [{', '.join(notes)}]"
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+_MERMAID_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_MERMAID_RESERVED = frozenset({"end", "graph", "subgraph", "style", "class", "click", "flowchart"})
+
+
+def render_graph_mermaid(definition: WorkflowDefinition) -> str:
+    """A Mermaid ``graph TD`` block; continue-on-error edges are dotted (the downstream runs anyway)."""
+    ids: dict[str, str] = {}
+    for index, name in enumerate(definition.order):
+        readable = _MERMAID_ID.match(name) and name.lower() not in _MERMAID_RESERVED
+        ids[name] = name if readable else f"n{index}"
+    lines = ["graph TD"]
+    lines += [f'    {ids[name]}["{name}"]' for name in definition.order]
+    for name in definition.order:
+        for up in definition.nodes[name].upstreams:
+            arrow = "-.->" if definition.nodes[up].continue_on_error else "-->"
+            lines.append(f"    {ids[up]} {arrow} {ids[name]}")
+    return "\n".join(lines)
