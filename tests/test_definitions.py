@@ -49,6 +49,7 @@ def test_public_api_is_pinned() -> None:
         "InvalidRunId",
         "KVWorkflowStore",
         "LoggingInterceptor",
+        "MetricsInterceptor",
         "MalformedMessage",
         "MessageError",
         "NodeContext",
@@ -62,6 +63,7 @@ def test_public_api_is_pinned() -> None:
         "RetryInterceptor",
         "RetryPolicy",
         "RunCancelled",
+        "RunEvent",
         "RunFailed",
         "RunHandle",
         "RunNotFound",
@@ -70,6 +72,7 @@ def test_public_api_is_pinned() -> None:
         "StateConflict",
         "StorageSettings",
         "TimeoutInterceptor",
+        "TracingInterceptor",
         "TriggerInput",
         "UnknownDependencyError",
         "UnknownWorkflow",
@@ -80,6 +83,7 @@ def test_public_api_is_pinned() -> None:
         "WorkflowDefinition",
         "WorkflowDefinitionError",
         "WorkflowStore",
+        "configure_telemetry",
     }
 
 

@@ -90,3 +90,40 @@ async def test_stop_releases_attempts_that_outlive_the_grace(env_factory: Any) -
     assert await handle.result() == 2
     journal = await env.client.journal(handle.run_id, "released")
     assert [e["data"]["attempt"] for e in journal if e["kind"] == "lost"] == [1]
+
+
+async def test_back_pressure_leaves_surplus_work_in_jetstream(env_factory: Any) -> None:
+    wf = Workflow("pressured")
+    release = asyncio.Event()
+
+    @wf.node()
+    async def hold(ctx: NodeContext) -> str:
+        await release.wait()
+        return ctx.run_id
+
+    env: LocalEnvironment = await env_factory([wf], max_in_flight=3)
+    handles = [await env.client.start("pressured", {}) for _ in range(12)]
+    # Runs start (bookkeeping is not limited), but only three attempts are taken: the rest waits in
+    # the stream, not in the worker's memory.
+    await eventually(
+        lambda: _consumer(
+            env, "node_pressured_hold", lambda i: i.num_ack_pending == 3 and i.num_pending == 9
+        ),
+        within=10,
+    )
+    [first] = env.workers
+    assert first.system is not None
+    assert first.system.capacity.held == 3
+    second = await env.add_worker(max_in_flight=3)  # another worker takes a share at once
+    await eventually(
+        lambda: _consumer(env, "node_pressured_hold", lambda i: i.num_ack_pending == 6), within=10
+    )
+    assert second.system is not None
+    assert second.system.capacity.held == 3
+    release.set()
+    assert sorted([await h.result() for h in handles]) == sorted(h.run_id for h in handles)
+
+
+async def _consumer(env: LocalEnvironment, name: str, check: Any) -> Any:
+    info = await env.client.bus.js.consumer_info(env.names.events_stream, name)
+    return info if check(info) else None

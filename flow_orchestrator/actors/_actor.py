@@ -1,8 +1,10 @@
 """The actor base: one durable JetStream consumer shared by every worker, a bounded mailbox, a lifecycle.
 
-Each actor kind owns a durable push consumer with a deliver group, so a message goes to exactly one
-worker at a time and the work spreads across processes. The subscription is the mailbox; each message
-is handled in its own task (bounded by ``concurrency``) so one slow action never blocks the others.
+Each actor owns a durable pull consumer shared by all workers, so a message goes to exactly one
+worker at a time and the work spreads across processes. A credit-based pull feed is the mailbox: it
+takes only as many messages as the actor (``concurrency``) and the worker (``max_in_flight``) have
+room for, so surplus work waits in JetStream for whichever worker is free. Each message is handled
+in its own task so one slow action never blocks the others.
 Messages held longer than a third of the ack wait get ``in_progress`` heartbeats, so a long action is
 not mistaken for a dead worker, while a killed worker's messages come back after the ack wait.
 """
@@ -19,11 +21,11 @@ from dataclasses import dataclass, field
 import nats.errors
 import nats.js.errors as js_errors
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from flow_orchestrator._errors import ActorStopped, FlowError, MessageError
 from flow_orchestrator.actors._system import ActorSystem
+from flow_orchestrator.bus._pull import Capacity, PullFeed
 
 log = logging.getLogger("flow_orchestrator.actors")
 TRANSIENT = (nats.errors.Error, js_errors.Error, asyncio.TimeoutError, ConnectionError, OSError)
@@ -55,14 +57,24 @@ class Actor:
 
     poison_after = 10
 
-    def __init__(self, system: ActorSystem, spec: ConsumerSpec, *, concurrency: int = 256) -> None:
+    def __init__(
+        self,
+        system: ActorSystem,
+        spec: ConsumerSpec,
+        *,
+        concurrency: int = 256,
+        capacity: Capacity | None = None,
+    ) -> None:
         self.system = system
         self.spec = spec
         self.name = spec.durable
-        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        # Node attempts share the worker's budget (max_in_flight); bookkeeping actors (triggers,
+        # supervisor) get their own, so a worker full of long actions still starts and finishes runs.
+        self._capacity = capacity or Capacity(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: dict[int, tuple[Msg, float]] = {}
-        self._sub: Subscription | None = None
+        self._feed: PullFeed | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -83,30 +95,32 @@ class Actor:
     # --- mechanics --------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.on_start()
-        deliver = self.system.names.deliver(self.spec.durable)
         config = ConsumerConfig(
             durable_name=self.spec.durable,
-            deliver_subject=deliver,
-            deliver_group=self.spec.durable,
             filter_subjects=list(self.spec.filter_subjects),
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.spec.ack_wait,
             max_deliver=self.spec.max_deliver,
             max_ack_pending=self.spec.max_ack_pending,
+            max_waiting=4096,
             deliver_policy=self.spec.deliver_policy,
             opt_start_time=self.spec.opt_start_time,
             **self.spec.extra,  # type: ignore[arg-type]
         )
         await self.system.ensure_consumer(self.spec.stream, config)
-        self._sub = await self.system.bus.nc.subscribe(
-            deliver, queue=self.spec.durable, cb=self._dispatch, pending_msgs_limit=100_000
+        self._feed = PullFeed(
+            self.system.bus.nc,
+            api_prefix=self.system.api_prefix,
+            stream=self.spec.stream,
+            consumer=self.spec.durable,
+            handle=self._dispatch,
+            capacity=self._capacity,
+            batch=self._concurrency,
         )
+        await self._feed.start()
         self._heartbeat = asyncio.create_task(self._heartbeats(), name=f"{self.name}-heartbeat")
 
     async def _dispatch(self, msg: Msg) -> None:
-        if not msg.reply:  # flow-control or idle-heartbeat status messages carry no ack subject
-            return
-        await self._slots.acquire()
         task = asyncio.create_task(self._handle(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -126,7 +140,8 @@ class Actor:
             await self._retry_later(msg, exc)
         finally:
             self._held.pop(id(msg), None)
-            self._slots.release()
+            if self._feed is not None:
+                self._feed.done()
 
     async def _reject(self, msg: Msg, exc: BaseException) -> None:
         reason = exc.reason if isinstance(exc, MessageError) else "poison"
@@ -192,9 +207,8 @@ class Actor:
         if self._stopping:
             return
         self._stopping = True
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        if self._feed is not None:
+            await self._feed.stop()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in pending:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class NodeActor(Actor):
                 filter_subjects=tuple(subjects),
                 ack_wait=options.pop("ack_wait", 30.0),
             ),
+            capacity=system.capacity,
             **options,
         )
         self.definition = definition
@@ -89,8 +91,9 @@ class NodeActor(Actor):
         executor = self.system.executor
 
         async def run_sync(ctx: NodeContext) -> Any:
+            # Copy the context so the attempt's span and log fields follow the action into its thread.
             return await asyncio.get_running_loop().run_in_executor(
-                executor, functools.partial(spec.action, ctx)
+                executor, functools.partial(contextvars.copy_context().run, spec.action, ctx)
             )
 
         return run_sync
@@ -206,6 +209,8 @@ class NodeActor(Actor):
             timeout=self.node.timeout,
             retry=self.node.retry,
             output_model=self.node.output_model,
+            subject=msg.subject,
+            published_at=msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else None,
         )
         attempt.started_at = time.time()
         await self.system.emit(

@@ -13,15 +13,17 @@ from typing import Any
 import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from flow_orchestrator._errors import StateConflict
 from flow_orchestrator.bus._codec import encode
 from flow_orchestrator.bus._connection import Bus
-from flow_orchestrator.bus._dlq import dead_letter
+from flow_orchestrator.bus._dlq import dead_letter, rejected_subject
 from flow_orchestrator.bus._interceptors import InterceptorChain
 from flow_orchestrator.bus._journal import is_subject_conflict
 from flow_orchestrator.bus._kv import StateStore
+from flow_orchestrator.bus._propagation import trace_headers
+from flow_orchestrator.bus._pull import Capacity
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, is_valid_run_id, parse_event_subject
 from flow_orchestrator.bus.types import PublishInput
 
@@ -75,6 +77,7 @@ class ActorSystem:
         executor: ThreadPoolExecutor,
         max_trigger_bytes: int,
         unknown_workflow_grace: float,
+        max_in_flight: int = 1024,
     ) -> None:
         self.bus = bus
         self.names = names
@@ -84,20 +87,43 @@ class ActorSystem:
         self.max_trigger_bytes = max_trigger_bytes
         self.unknown_workflow_grace = unknown_workflow_grace
         self.gate = RunGate()
+        self.capacity = Capacity(max_in_flight)
+        self.api_prefix = "$JS.API"
         self.chain: InterceptorChain  # set by the worker once interceptors are known
         self._gate_subs: list[Subscription] = []
 
     async def ensure_consumer(self, stream: str, config: ConsumerConfig) -> None:
-        """Create or update a durable consumer (idempotent across racing workers)."""
+        """Create or update a durable consumer (idempotent across racing workers).
+
+        A consumer whose unchangeable settings differ (an older push consumer, a new deliver policy)
+        is replaced, resuming after its acknowledged floor: nothing is delivered twice and nothing
+        that was pending is skipped.
+        """
         config.name = config.durable_name
         try:
             await self.bus.js.add_consumer(stream, config)
+            return
         except js_errors.BadRequestError as exc:
-            # A consumer whose unchangeable settings differ (a new deliver policy): replace it.
-            log.warning("replacing consumer %s on %s: %s", config.durable_name, stream, exc.description)
+            reason = exc.description
+        name = str(config.durable_name)
+        try:
+            old = await self.bus.js.consumer_info(stream, name)
+        except js_errors.NotFoundError:
+            old = None
+        if old is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = old.ack_floor.stream_seq + 1
+            config.opt_start_time = None
+            log.warning(
+                "replacing consumer %s on %s from stream seq %d: %s",
+                name,
+                stream,
+                config.opt_start_seq,
+                reason,
+            )
             with contextlib.suppress(js_errors.NotFoundError):
-                await self.bus.js.delete_consumer(stream, str(config.durable_name))
-            await self.bus.js.add_consumer(stream, config)
+                await self.bus.js.delete_consumer(stream, name)
+        await self.bus.js.add_consumer(stream, config)
 
     async def emit(
         self,
@@ -128,7 +154,8 @@ class ActorSystem:
             await self.bus.nc.publish(message.subject, data, headers=headers or None)
             return
         try:
-            await self.bus.js.publish(message.subject, data, headers=headers or None)
+            ack = await self.bus.js.publish(message.subject, data, headers=headers or None)
+            message.duplicate = bool(ack.duplicate)
         except js_errors.APIError as exc:
             if is_subject_conflict(exc):
                 raise StateConflict(f"{message.subject} already has a message") from exc
@@ -140,9 +167,11 @@ class ActorSystem:
             # A trigger's run id is its Nats-Msg-Id: name the run, so whoever waits on it hears why.
             given = (msg.headers or {}).get(MSG_ID)
             run_id = given if given is not None and is_valid_run_id(given) else None
-        return await dead_letter(
-            self.bus.js, self.names, msg, workflow=workflow, reason=reason, error=error, run_id=run_id
+        event = await dead_letter(self.bus.js, self.names, msg, workflow=workflow, reason=reason, error=error)
+        await self.emit(
+            rejected_subject(self.names, workflow, run_id), event, headers=trace_headers(msg.headers)
         )
+        return int(event["dlq_seq"])
 
     async def open_gate(self) -> None:
         """Follow run-level terminal events so closed runs start no new attempts on this worker."""

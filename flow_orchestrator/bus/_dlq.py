@@ -5,7 +5,6 @@ headers and payload in the dead-letter stream, and a ``rejected`` event makes it
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -43,22 +42,16 @@ def dead_letter_record(msg: Msg, *, workflow: str, reason: str, error: BaseExcep
 
 
 async def dead_letter(
-    js: JetStreamContext,
-    names: Names,
-    msg: Msg,
-    *,
-    workflow: str,
-    reason: str,
-    error: BaseException | str,
-    run_id: str | None = None,
-    extra_headers: Mapping[str, str] | None = None,
-) -> int:
-    """Record ``msg`` in the dead-letter stream and publish a ``rejected`` event; return the DLQ sequence."""
+    js: JetStreamContext, names: Names, msg: Msg, *, workflow: str, reason: str, error: BaseException | str
+) -> dict[str, Any]:
+    """Record ``msg`` in the dead-letter stream; return the ``rejected`` event to publish for it
+    (the caller publishes it through its interceptor chain, so metrics and traces see it)."""
     record = dead_letter_record(msg, workflow=workflow, reason=reason, error=error)
-    ack = await js.publish(
-        names.dlq(workflow, reason), encode(record), headers=dict(extra_headers or {}) or None
-    )
+    ack = await js.publish(names.dlq(workflow, reason), encode(record))
     event = {k: record[k] for k in ("reason", "error_type", "error", "subject", "size", "stream_seq")}
-    event["dlq_seq"] = ack.seq
-    await js.publish(names.event(workflow, run_id or "_none", TRIGGER_TOKEN, "rejected"), encode(event))
-    return int(ack.seq)
+    event["dlq_seq"] = int(ack.seq)
+    return event
+
+
+def rejected_subject(names: Names, workflow: str, run_id: str | None) -> str:
+    return names.event(workflow, run_id or "_none", TRIGGER_TOKEN, "rejected")

@@ -36,6 +36,8 @@ class ExecuteNodeInput:
     timeout: float | None = None
     retry: Any = None
     output_model: type[Any] | None = None
+    subject: str | None = None  # the message that started the attempt
+    published_at: float | None = None  # when that message was stored (queue lag = start - this)
 
 
 @dataclass(slots=True)
@@ -45,6 +47,7 @@ class PublishInput:
     subject: str
     payload: Any
     headers: dict[str, str] = field(default_factory=dict)
+    duplicate: bool = False  # set after publishing: JetStream had it already (message id seen)
 
 
 class TriggerCall(Protocol):

@@ -20,6 +20,7 @@ from flow_orchestrator._errors import FlowError
 from flow_orchestrator.bus._connection import DEFAULT_URL
 from flow_orchestrator.runtime import _commands as cmd
 from flow_orchestrator.runtime._status import RunStatus
+from flow_orchestrator.runtime._telemetry import RunFieldsFormatter, TraceContextFilter
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 Parser = argparse.ArgumentParser
@@ -81,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("worker", cmd.worker, "host workflows until SIGINT/SIGTERM, then drain")
     p.add_argument("target", metavar="MODULE:ATTR", help="a Workflow or a list of Workflows")
     p.add_argument("--concurrency", type=int, default=256, help="messages one actor handles at once")
+    p.add_argument(
+        "--max-in-flight", type=int, default=1024, help="messages this worker holds at once (back-pressure)"
+    )
+    p.add_argument(
+        "--ack-wait", type=float, default=30.0, help="seconds before a silent worker's work moves on"
+    )
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port")
 
     p = command("run", cmd.run, "start a run, wait for it and print its result")
     p.add_argument("workflow")
@@ -136,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=log_format)
+    for handler in logging.getLogger().handlers:
+        # Log lines about a run carry its workflow, run id, node, attempt and trace id.
+        handler.addFilter(TraceContextFilter())
+        handler.setFormatter(RunFieldsFormatter(log_format))
     try:
         result = args.handler(args)
         return _run_async(result) if asyncio.iscoroutine(result) else int(result)

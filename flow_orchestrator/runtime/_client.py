@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -28,8 +28,9 @@ from flow_orchestrator.bus._journal import last_event, read_events
 from flow_orchestrator.bus._kv import StateStore
 from flow_orchestrator.bus._streams import StorageSettings, provision
 from flow_orchestrator.bus._subjects import TRIGGER_TOKEN, Names, check_run_id, parse_event_subject
+from flow_orchestrator.runtime._events import RunEvent, follow_run, follow_workflow
 from flow_orchestrator.runtime._journal import NodeView, fold_events
-from flow_orchestrator.runtime._status import NodeStatus, RunStatus, derive_node_statuses
+from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus, derive_node_statuses
 from flow_orchestrator.runtime._workflow import Workflow, shape_from_description
 
 _TERMINAL_RUN = {RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.CANCELLED.value}
@@ -271,34 +272,8 @@ class Client:
         if record is None:
             raise RunNotFound(f"no run with id {run_id!r} (it never started, or its record expired)")
         workflow = record["workflow"]
-        description = await self.describe(workflow)
-        shape = shape_from_description(description)
-        views = fold_events(await self.journal(run_id, workflow))
-        recorded = {n: v.status for n, v in views.items() if v.status is not None}
-        run_status = RunStatus(record["status"])
-        statuses = derive_node_statuses(shape, recorded, run_status)
-        nodes = {}
-        for name in shape.order:
-            view = views.get(name, NodeView())
-            nodes[name] = NodeSnapshot(
-                status=statuses[name],
-                attempts=view.attempts,
-                error=view.error,
-                started_at=view.started_at,
-                finished_at=view.finished_at,
-                output=view.output,
-            )
-        return RunSnapshot(
-            run_id=run_id,
-            workflow=workflow,
-            status=run_status,
-            nodes=nodes,
-            input=record.get("input"),
-            results=record.get("results") or {},
-            error=record.get("error"),
-            created_at=record.get("created_at"),
-            finished_at=record.get("finished_at"),
-        )
+        shape = shape_from_description(await self.describe(workflow))
+        return snapshot_of(run_id, record, shape, fold_events(await self.journal(run_id, workflow)))
 
     async def list_runs(
         self, workflow: str | None = None, status: str | None = None, limit: int = 50
@@ -330,11 +305,55 @@ class Client:
         runs.sort(key=lambda r: r.get("created_at") or 0.0, reverse=True)
         return runs[:limit]
 
+    def events(self, run_id: str, workflow: str | None = None) -> AsyncIterator[RunEvent]:
+        """A run's events in order, live, ending after its terminal event: ``async for event in
+        client.events(run_id)``. What already happened is replayed first, so a finished run's journal
+        is yielded and the loop ends. Without ``workflow`` it is read from the run record
+        (:class:`RunNotFound` if there is none yet)."""
+        return follow_run(self, run_id, workflow=workflow)
+
+    def workflow_events(self, workflow: str, *, from_start: bool = False) -> AsyncIterator[RunEvent]:
+        """The events of every run of ``workflow`` as they happen; endless: break out of the loop."""
+        return follow_workflow(self, workflow, from_start=from_start)
+
     async def journal(self, run_id: str, workflow: str) -> list[dict[str, Any]]:
         """Every event of a run, oldest first: ``{node, kind, at, data, headers}``."""
         return await read_events(
             self.bus.js, self.names.events_stream, self.names.events_of_run(workflow, run_id)
         )
+
+
+def snapshot_of(
+    run_id: str, record: Mapping[str, Any], shape: GraphShape, views: Mapping[str, NodeView]
+) -> RunSnapshot:
+    """A run's snapshot from its run record and its folded journal, with every node's status
+    completed over the DAG by the status rules. Pure: ``Client.snapshot`` and the live view of
+    ``flowctl watch`` both build theirs here, so they always agree."""
+    run_status = RunStatus(record["status"])
+    recorded = {n: v.status for n, v in views.items() if v.status is not None}
+    statuses = derive_node_statuses(shape, recorded, run_status)
+    nodes = {}
+    for name in shape.order:
+        view = views.get(name, NodeView())
+        nodes[name] = NodeSnapshot(
+            status=statuses[name],
+            attempts=view.attempts,
+            error=view.error,
+            started_at=view.started_at,
+            finished_at=view.finished_at,
+            output=view.output,
+        )
+    return RunSnapshot(
+        run_id=run_id,
+        workflow=record["workflow"],
+        status=run_status,
+        nodes=nodes,
+        input=record.get("input"),
+        results=record.get("results") or {},
+        error=record.get("error"),
+        created_at=record.get("created_at"),
+        finished_at=record.get("finished_at"),
+    )
 
 
 def _validate(model: type[Any], value: Any, workflow: str) -> Any:

@@ -23,6 +23,7 @@ from flow_orchestrator.bus._server import EmbeddedServer
 from flow_orchestrator.bus._streams import StorageSettings
 from flow_orchestrator.runtime._client import Client, RunSnapshot
 from flow_orchestrator.runtime._status import RunStatus
+from flow_orchestrator.runtime._telemetry import configure_telemetry
 from flow_orchestrator.runtime._view import (
     make_console,
     render_graph_mermaid,
@@ -130,14 +131,23 @@ def server(args: argparse.Namespace) -> int:
 
 
 async def worker(args: argparse.Namespace) -> int:
+    # Tracing and metrics are off unless OTEL_* variables (or --metrics-port) turn them on.
+    telemetry = configure_telemetry("flow-worker", metrics_port=args.metrics_port)
     host = Worker(
         load_workflows(args.target),
         nats_url=_nats_url(args),
         prefix=args.prefix,
         storage=StorageSettings(replicas=_replicas(args)),
         concurrency=args.concurrency,
+        max_in_flight=args.max_in_flight,
+        ack_wait=args.ack_wait,
+        interceptors=telemetry.interceptors if telemetry else (),
     )
-    await host.run()  # until SIGINT/SIGTERM, then it drains
+    try:
+        await host.run()  # until SIGINT/SIGTERM, then it drains
+    finally:
+        if telemetry is not None:
+            await asyncio.to_thread(telemetry.shutdown)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,45 +25,51 @@ class NodeView:
 _TERMINAL_EVENT = {"completed", "failed", "cancelled"}
 
 
-def fold_events(events: Iterable[dict[str, Any]]) -> dict[str, NodeView]:
+def fold_events(events: Iterable[Mapping[str, Any]]) -> dict[str, NodeView]:
     """Node views from journal events (``{node, kind, at, data}``), oldest first. Run-level and
     trigger-level events are skipped. A terminal event is final: nothing after it changes the view."""
     views: dict[str, NodeView] = {}
     for event in events:
-        node = event["node"]
-        if node.startswith("_"):
-            continue
-        view = views.setdefault(node, NodeView())
-        if view.status in (NodeStatus.COMPLETED, NodeStatus.CANCELLED) or (
-            view.status is NodeStatus.FAILED and event["kind"] != "failed"
-        ):
-            continue
-        data = event.get("data") or {}
-        kind = event["kind"]
-        attempt = int(data.get("attempt") or 0)
-        if kind == "started":
-            view.status = NodeStatus.RUNNING
-            view.attempts = max(view.attempts, attempt)
-            view.started_at = data.get("started_at", event.get("at"))
-            view.finished_at = None
-        elif kind == "lost":
-            view.lost.append(attempt)
-        elif kind == "attempt_failed":
-            view.attempts = max(view.attempts, attempt)
-            view.status = NodeStatus.RETRYING if data.get("retry") else NodeStatus.FAILED
-            view.error = data.get("error")
-            view.finished_at = data.get("finished_at", event.get("at"))
-        elif kind == "completed":
-            view.status = NodeStatus.COMPLETED
-            view.attempts = max(view.attempts, attempt)
-            view.output = data.get("output")
-            view.error = None
-            view.started_at = data.get("started_at", view.started_at)
-            view.finished_at = data.get("finished_at", event.get("at"))
-        elif kind == "failed":
-            view.status = NodeStatus.FAILED
-            view.error = data.get("error", view.error)
-        elif kind == "cancelled":
-            view.status = NodeStatus.CANCELLED
-            view.finished_at = data.get("finished_at", event.get("at"))
+        fold_event(views, event)
     return views
+
+
+def fold_event(views: dict[str, NodeView], event: Mapping[str, Any]) -> None:
+    """Fold one more event into ``views`` (in place): what a live view does as each event arrives,
+    so folding event by event and :func:`fold_events` over the whole journal always agree."""
+    node = event["node"]
+    if node.startswith("_"):
+        return
+    view = views.setdefault(node, NodeView())
+    if view.status in (NodeStatus.COMPLETED, NodeStatus.CANCELLED) or (
+        view.status is NodeStatus.FAILED and event["kind"] != "failed"
+    ):
+        return
+    data = event.get("data") or {}
+    kind = event["kind"]
+    attempt = int(data.get("attempt") or 0)
+    if kind == "started":
+        view.status = NodeStatus.RUNNING
+        view.attempts = max(view.attempts, attempt)
+        view.started_at = data.get("started_at", event.get("at"))
+        view.finished_at = None
+    elif kind == "lost":
+        view.lost.append(attempt)
+    elif kind == "attempt_failed":
+        view.attempts = max(view.attempts, attempt)
+        view.status = NodeStatus.RETRYING if data.get("retry") else NodeStatus.FAILED
+        view.error = data.get("error")
+        view.finished_at = data.get("finished_at", event.get("at"))
+    elif kind == "completed":
+        view.status = NodeStatus.COMPLETED
+        view.attempts = max(view.attempts, attempt)
+        view.output = data.get("output")
+        view.error = None
+        view.started_at = data.get("started_at", view.started_at)
+        view.finished_at = data.get("finished_at", event.get("at"))
+    elif kind == "failed":
+        view.status = NodeStatus.FAILED
+        view.error = data.get("error", view.error)
+    elif kind == "cancelled":
+        view.status = NodeStatus.CANCELLED
+        view.finished_at = data.get("finished_at", event.get("at"))

@@ -1,7 +1,8 @@
 """How ``flowctl`` shows things: run tables and the live view (rich), and the DAG as text or Mermaid.
 
-Everything degrades for logs: without a terminal the live view prints one line per status change,
-then the final table, so CI output stays readable.
+The live view follows the run's event stream (``Client.events``). Everything degrades for logs:
+without a terminal it prints one line per status change, then the final table, so CI output stays
+readable.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
@@ -20,10 +22,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from flow_orchestrator._errors import RunNotFound
-from flow_orchestrator.runtime._client import Client, NodeSnapshot, RunHandle, RunSnapshot
-from flow_orchestrator.runtime._status import NodeStatus, RunStatus
-from flow_orchestrator.runtime._workflow import WorkflowDefinition
+from flow_orchestrator._errors import message_error_for
+from flow_orchestrator.runtime._client import Client, RunHandle, RunSnapshot, snapshot_of
+from flow_orchestrator.runtime._events import REJECTED, RUN_END_KINDS, RunEvent
+from flow_orchestrator.runtime._journal import NodeView, fold_event
+from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus
+from flow_orchestrator.runtime._workflow import WorkflowDefinition, shape_from_description
 
 STATUS_STYLES: Mapping[str, str] = {
     "pending": "dim",
@@ -63,10 +67,17 @@ def _error_text(error: Mapping[str, Any] | None) -> str:
     return f"{error.get('type') or 'Error'}: {error.get('message') or ''}"
 
 
-def render_snapshot(snapshot: RunSnapshot, *, title: str | None = None) -> RenderableType:
+def render_snapshot(
+    snapshot: RunSnapshot,
+    *,
+    title: str | None = None,
+    depths: Mapping[str, int] | None = None,
+    now: float | None = None,
+) -> RenderableType:
     """A heading line, then one row per node in topological order: status (coloured), attempts,
-    duration of the last attempt and its error. The heading sits outside the table so it never wraps
-    into the table's (possibly narrow) width."""
+    duration of the last attempt and its error. With ``depths`` the names are indented by depth as in
+    ``flowctl graph``; with ``now`` a running node shows how long it has been running. The heading
+    sits outside the table so it never wraps into the table's (possibly narrow) width."""
     heading = Text(title or f"run {snapshot.run_id} of {snapshot.workflow}: ", style="bold")
     if title is None:
         heading.append_text(status_text(snapshot.status.value))
@@ -77,12 +88,14 @@ def render_snapshot(snapshot: RunSnapshot, *, title: str | None = None) -> Rende
     table.add_column("duration ms", justify="right")
     table.add_column("error", overflow="fold")
     for name, node in snapshot.nodes.items():
-        duration = f"{node.duration * 1000:.1f}" if node.duration is not None else ""
+        seconds = node.duration
+        if seconds is None and now is not None and node.status is NodeStatus.RUNNING and node.started_at:
+            seconds = max(0.0, now - node.started_at)
         table.add_row(
-            name,
+            "  " * (depths or {}).get(name, 0) + name,
             status_text(node.status.value),
             str(node.attempts) if node.attempts else "",
-            duration,
+            f"{seconds * 1000:.1f}" if seconds is not None else "",
             Text(_error_text(node.error), style="red"),
         )
     return Group(heading, table)
@@ -124,57 +137,88 @@ def render_runs(runs: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
-async def watch_run(
-    client: Client, handle: RunHandle, console: Console, interval: float = 0.1
-) -> RunSnapshot:
-    """Follow a run until its record is terminal, then print the final table and its result.
+async def watch_run(client: Client, handle: RunHandle, console: Console) -> RunSnapshot:
+    """Follow a run's events until it ends, then print the final table and its result.
 
-    On a terminal the table refreshes in place; otherwise each node's status change is one line.
-    ``client`` supplies the workflow's shape, so all nodes show (pending) before a worker accepts the run.
-    A trigger that a worker rejects (invalid payload...) never gets a record: its typed error is raised.
+    On a terminal the DAG (indented by depth) refreshes in place; otherwise each change of a node's
+    status is one line. All nodes show (pending) before a worker accepts the run. A trigger that a
+    worker rejects (invalid payload...) never gets a record: its typed error is raised.
     It waits as long as the run lasts: bound it with ``asyncio.timeout``.
     """
-    description = await client.describe(handle.workflow)
-    waiting = RunSnapshot(
-        run_id=handle.run_id,
-        workflow=handle.workflow,
-        status=RunStatus.RUNNING,
-        nodes={name: NodeSnapshot(NodeStatus.PENDING) for name in description["order"]},
-    )
-    # handle.wait() is what notices a rejected trigger; polling alone would wait for a record forever.
-    ended = asyncio.ensure_future(handle.wait())
-    try:
-        if console.is_terminal:
-            title = f"run {handle.run_id} of {handle.workflow}: waiting for a worker to accept it"
-            with Live(render_snapshot(waiting, title=title), console=console, transient=True) as live:
-                final = await _follow(
-                    handle, ended, interval, lambda snap: live.update(render_snapshot(snap))
-                )
-        else:
-            final = await _follow(handle, ended, interval, _ChangePrinter(console, waiting))
-    finally:
-        ended.cancel()
-    console.print(render_snapshot(final))
+    shape = shape_from_description(await client.describe(handle.workflow))
+    depths = node_depths(shape.order, shape.upstreams)
+    run = LiveRun(handle.run_id, handle.workflow, shape)
+    events = client.events(handle.run_id, handle.workflow)
+    if console.is_terminal:
+        title = f"run {handle.run_id} of {handle.workflow}: waiting for a worker to accept it"
+        initial = render_snapshot(run.snapshot(), title=title, depths=depths)
+        with Live(initial, console=console, transient=True, auto_refresh=False) as live:
+
+            def redraw() -> None:
+                if run.accepted:
+                    live.update(render_snapshot(run.snapshot(), depths=depths, now=time.time()), refresh=True)
+
+            # Events only mark the view dirty; a tick redraws it (and the running durations) 10 times
+            # a second, so a run with thousands of events costs thousands of folds, not renders.
+            ticker = asyncio.ensure_future(_tick(redraw, 0.1))
+            try:
+                await _follow(events, run, lambda: None)
+            finally:
+                ticker.cancel()
+    else:
+        printer = _ChangePrinter(console, run.snapshot())
+        await _follow(events, run, lambda: printer(run.snapshot()))
+    final = await client.snapshot(handle.run_id)
+    console.print(render_snapshot(final, depths=depths))
     console.print(render_result(final))
     return final
 
 
-async def _follow(
-    handle: RunHandle, ended: asyncio.Future[Any], interval: float, show: Callable[[RunSnapshot], None]
-) -> RunSnapshot:
+class LiveRun:
+    """A run's state folded from its events as they arrive, by the same fold and status rules as
+    ``Client.snapshot`` (``fold_event`` and ``snapshot_of``), so the live view and ``status`` agree."""
+
+    def __init__(self, run_id: str, workflow: str, shape: GraphShape) -> None:
+        self.run_id = run_id
+        self.shape = shape
+        self.views: dict[str, NodeView] = {}
+        self.record: dict[str, Any] = {"workflow": workflow, "status": RunStatus.RUNNING.value}
+        self.accepted = False
+        self.rejection: dict[str, Any] | None = None
+
+    def apply(self, event: RunEvent) -> None:
+        self.accepted = True
+        if event.node is not None:
+            fold_event(self.views, event.journal_entry())
+        elif event.kind == "started":
+            self.record.update(input=event.data.get("input"), created_at=event.data.get("created_at"))
+        elif event.kind in RUN_END_KINDS:
+            self.record.update(event.data, status=event.kind)
+        elif event.kind == REJECTED:
+            self.accepted = False
+            self.rejection = event.data
+
+    def snapshot(self) -> RunSnapshot:
+        return snapshot_of(self.run_id, self.record, self.shape, self.views)
+
+
+async def _follow(events: AsyncIterator[RunEvent], run: LiveRun, changed: Callable[[], None]) -> None:
+    async with aclosing(events):
+        async for event in events:
+            run.apply(event)
+            if run.rejection is not None:
+                workflow = run.record["workflow"]
+                raise message_error_for(
+                    str(run.rejection.get("reason")),
+                    f"run {run.run_id!r} of {workflow!r} was rejected: {run.rejection.get('error')}",
+                )
+            changed()
+
+
+async def _tick(redraw: Callable[[], None], interval: float) -> None:
     while True:
-        try:
-            snapshot: RunSnapshot | None = await handle.status()
-        except RunNotFound:
-            snapshot = None  # the trigger is not accepted yet: no worker has picked it up
-        if snapshot is not None:
-            show(snapshot)
-            if snapshot.status in TERMINAL_RUN:
-                return snapshot
-        rejected = ended.exception() if ended.done() else None
-        if rejected is not None:
-            raise rejected
-        await asyncio.wait({ended}, timeout=interval)
+        redraw()
+        await asyncio.sleep(interval)
 
 
 class _ChangePrinter:
@@ -217,10 +261,12 @@ def _json(value: Any) -> str:
 
 
 # --- the DAG -------------------------------------------------------------------------------------
-def _depths(definition: WorkflowDefinition) -> dict[str, int]:
+def node_depths(order: Sequence[str], upstreams: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """Each node's depth: 0 for a root, else one more than its deepest upstream (``order`` is
+    topological)."""
     depth: dict[str, int] = {}
-    for name in definition.order:
-        ups = definition.nodes[name].upstreams
+    for name in order:
+        ups = upstreams.get(name, ())
         depth[name] = 1 + max(depth[u] for u in ups) if ups else 0
     return depth
 
@@ -232,7 +278,7 @@ def render_graph_text(definition: WorkflowDefinition) -> str:
         f"workflow {definition.name}: {len(definition.nodes)} node(s)"
         + (f", input {model.__name__}" if model is not None else "")
     ]
-    depth = _depths(definition)
+    depth = node_depths(definition.order, {n: spec.upstreams for n, spec in definition.nodes.items()})
     width = max(2 * depth[n] + len(n) for n in definition.order)
     for name in definition.order:
         spec = definition.nodes[name]

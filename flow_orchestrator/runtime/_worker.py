@@ -48,6 +48,8 @@ class Worker:
         prefix: subject/stream prefix, to share one NATS account between isolated deployments.
         storage: replicas (3 on a cluster) and retention.
         concurrency: messages one actor handles at once on this worker.
+        max_in_flight: messages this worker holds at once across all its actors; beyond that, work
+            stays in JetStream for other workers (back-pressure).
         unknown_workflow_grace: seconds a trigger for an unregistered workflow waits before being
             dead-lettered (a worker hosting it may be starting).
         shutdown_grace: seconds in-flight attempts get to finish when the worker stops.
@@ -62,6 +64,7 @@ class Worker:
         prefix: str = "flow",
         storage: StorageSettings | None = None,
         concurrency: int = 256,
+        max_in_flight: int = 1024,
         max_trigger_bytes: int = DEFAULT_MAX_PAYLOAD,
         unknown_workflow_grace: float = 30.0,
         ack_wait: float = 30.0,
@@ -76,6 +79,7 @@ class Worker:
         self.names = Names(prefix)
         self.storage = storage or StorageSettings()
         self.concurrency = concurrency
+        self.max_in_flight = max_in_flight
         self.max_trigger_bytes = max_trigger_bytes
         self.unknown_workflow_grace = unknown_workflow_grace
         self.ack_wait = ack_wait
@@ -99,6 +103,7 @@ class Worker:
             executor=self._executor,
             max_trigger_bytes=self.max_trigger_bytes,
             unknown_workflow_grace=self.unknown_workflow_grace,
+            max_in_flight=self.max_in_flight,
         )
         chain = [*self.interceptors]
         if not any(isinstance(i, PayloadValidationInterceptor) for i in chain):

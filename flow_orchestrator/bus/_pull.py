@@ -1,0 +1,146 @@
+"""A credit-based pull feed: messages arrive as fast as a push subscription, but only as many as the
+worker has room for, so back-pressure keeps surplus work in JetStream for other workers.
+
+Each feed keeps pull requests outstanding for up to ``batch`` messages on its consumer (the server
+delivers each to the feed's inbox the moment it is available) and tops them up as handled messages
+finish, while the worker-wide :class:`Capacity` has room. Requests expire every few seconds and are
+renewed, so a feed heals itself after a reconnect or a server restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger("flow_orchestrator.bus")
+STATUS = "Status"
+PENDING_MESSAGES = "Nats-Pending-Messages"
+
+
+class Capacity:
+    """How many messages one worker may hold at once (being handled), across all its feeds."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"a worker must be able to hold at least one message, got {limit}")
+        self.limit = limit
+        self.held = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def free(self) -> int:
+        return max(0, self.limit - self.held)
+
+    def hold(self) -> None:
+        self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1
+        self._changed.set()
+
+    async def wait_for_room(self) -> None:
+        """Return once some held message is released (callers bound the wait themselves)."""
+        self._changed.clear()
+        if not self.free:
+            await self._changed.wait()
+
+
+class PullFeed:
+    """Feeds one durable pull consumer's messages to ``handle`` (which must call :meth:`done`)."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        *,
+        api_prefix: str,
+        stream: str,
+        consumer: str,
+        handle: Callable[[Msg], Awaitable[None]],
+        capacity: Capacity,
+        batch: int = 64,
+        expires: float = 5.0,
+    ) -> None:
+        self._nc = nc
+        self._next = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._handle = handle
+        self._capacity = capacity
+        self._batch = batch
+        self._expires = expires
+        self._outstanding = 0  # requested from the server, not delivered yet
+        self._local = 0  # delivered to this feed, not done yet
+        self._heard = time.monotonic()
+        self._wake = asyncio.Event()
+        self._sub: Subscription | None = None
+        self._loop: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(inbox, cb=self._on_message)
+        self._inbox = inbox
+        self._loop = asyncio.create_task(self._request_loop(), name=f"pull {self._next}")
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    def done(self) -> None:
+        """A delivered message is finished (acked, nak'd or terminated): its room is free again."""
+        self._local -= 1
+        self._capacity.release()
+        self._wake.set()
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._heard = time.monotonic()
+        status = msg.headers.get(STATUS) if msg.headers else None
+        if status is not None and not msg.data and not msg.reply:
+            # 408 request expired, 409 leadership change / limits, 404 none: the request is over.
+            unfilled = int(msg.headers.get(PENDING_MESSAGES, 0)) if msg.headers else 0
+            if status in ("408", "409", "404") and unfilled:
+                self._outstanding = max(0, self._outstanding - unfilled)
+            elif status in ("408", "409", "404"):
+                self._outstanding = 0
+            self._wake.set()
+            return
+        self._outstanding = max(0, self._outstanding - 1)
+        self._local += 1
+        self._capacity.hold()
+        await self._handle(msg)
+
+    async def _request_loop(self) -> None:
+        expires_ns = int(self._expires * 1e9)
+        while True:
+            want = min(self._batch - self._outstanding - self._local, self._capacity.free)
+            if want > 0 and self._outstanding <= self._batch // 2:
+                request = json.dumps({"batch": want, "expires": expires_ns}).encode()
+                try:
+                    await self._nc.publish(self._next, request, reply=self._inbox)
+                    self._outstanding += want
+                except Exception as exc:  # disconnected: try again shortly
+                    log.debug("pull request on %s failed: %s", self._next, exc)
+            if self._outstanding and time.monotonic() - self._heard > self._expires + 2.0:
+                # Requests we never heard the end of (a reconnect lost them): start afresh.
+                self._outstanding = 0
+                self._heard = time.monotonic()
+                continue
+            self._wake.clear()
+            if self._capacity.free == 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._expires):
+                        await self._capacity.wait_for_room()
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._expires / 2):
+                    await self._wake.wait()

@@ -1,0 +1,158 @@
+"""Observing runs: a run's journal as an ordered stream of typed events, replayed then followed live.
+
+``flowctl watch`` and ``run`` draw their live view from it; dashboards and tests can use it the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from flow_orchestrator._errors import MalformedMessage, RunNotFound
+from flow_orchestrator.bus._codec import decode
+from flow_orchestrator.bus._subjects import (
+    RUN_TOKEN,
+    TRIGGER_TOKEN,
+    Names,
+    check_name,
+    check_run_id,
+    parse_event_subject,
+)
+
+if TYPE_CHECKING:
+    from flow_orchestrator.runtime._client import Client
+
+RUN_END_KINDS = frozenset({"completed", "failed", "cancelled"})
+REJECTED = "rejected"
+"""The kind of the run-level event that says a worker dead-lettered the run's trigger: it never runs."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunEvent:
+    """One event of a run's journal, as the stream holds it.
+
+    ``node`` is ``None`` for run-level events: ``started``, ``cancel`` (a request), the terminal
+    ``completed``/``failed``/``cancelled``, and ``rejected`` when a worker dead-lettered the trigger.
+    ``at`` is the server's timestamp (seconds since the epoch); ``seq`` the stream sequence, which
+    orders a run's events.
+    """
+
+    workflow: str
+    run_id: str
+    node: str | None
+    kind: str
+    at: float
+    data: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0
+
+    @property
+    def ends_run(self) -> bool:
+        """Whether this is the run's last word: its terminal event, or its trigger's rejection."""
+        return self.node is None and (self.kind in RUN_END_KINDS or self.kind == REJECTED)
+
+    def journal_entry(self) -> dict[str, Any]:
+        """The ``{node, kind, at, data}`` form of ``Client.journal`` (what ``fold_events`` reads)."""
+        token = self.node or (TRIGGER_TOKEN if self.kind == REJECTED else RUN_TOKEN)
+        return {"node": token, "kind": self.kind, "at": self.at, "data": self.data}
+
+
+async def follow_run(
+    client: Client, run_id: str, *, workflow: str | None = None, from_start: bool = True
+) -> AsyncIterator[RunEvent]:
+    """Yield a run's events in order, live, and stop once its terminal event has been yielded.
+
+    From the start (the default), the journal so far is replayed first, so a finished run's events
+    are all yielded and the iteration ends by itself. Without ``workflow`` it is looked up in the run
+    record (:class:`RunNotFound` if there is none yet); pass it to follow a run a worker has not
+    accepted yet. An iteration abandoned early should be closed (``contextlib.aclosing``) so its
+    consumer goes at once.
+    """
+    run_id = check_run_id(run_id)
+    found = await client.store.get(Names.run_key(run_id))
+    record = found.value if found else None
+    if workflow is None:
+        if record is None:
+            raise RunNotFound(f"no run with id {run_id!r} (it never started, or its record expired)")
+        workflow = str(record["workflow"])
+    # A run that ended before we looked may have outlived its journal (the events stream expires,
+    # run records do not): stop once the replay has caught up, even without a terminal event.
+    ended_before = from_start and record is not None and record.get("status") in RUN_END_KINDS
+    sub = await _subscribe(client, client.names.events_of_run(workflow, run_id), from_start=from_start)
+    try:
+        if ended_before and await _nothing_to_replay(sub):
+            return
+        while True:
+            msg = await sub.next_msg(timeout=None)
+            event = _event_of(msg)
+            if event is not None:
+                yield event
+            if (event is not None and event.ends_run) or (ended_before and not msg.metadata.num_pending):
+                return
+    finally:
+        await _unsubscribe(sub)
+
+
+async def follow_workflow(
+    client: Client, workflow: str, *, from_start: bool = False
+) -> AsyncIterator[RunEvent]:
+    """Yield the events of every run of ``workflow`` as they happen (with ``from_start``, the whole
+    retained journal first). It never ends by itself: break out of the loop, or bound it with
+    ``asyncio.timeout``, and close it (``contextlib.aclosing``) so its consumer goes at once."""
+    subject = client.names.event(check_name("workflow", workflow), "*", "*", "*")
+    sub = await _subscribe(client, subject, from_start=from_start)
+    try:
+        while True:
+            event = _event_of(await sub.next_msg(timeout=None))
+            if event is not None:
+                yield event
+    finally:
+        await _unsubscribe(sub)
+
+
+async def _subscribe(client: Client, subject: str, *, from_start: bool) -> JetStreamContext.PushSubscription:
+    """An ordered push consumer: ephemeral, in memory, no acks; the client recreates it from the
+    last sequence it saw when it detects a gap, so events arrive once each and in stream order."""
+    return await client.bus.js.subscribe(
+        subject,
+        stream=client.names.events_stream,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
+    )
+
+
+async def _nothing_to_replay(sub: JetStreamContext.PushSubscription) -> bool:
+    info = await sub.consumer_info()
+    return not info.num_pending and not (info.delivered and info.delivered.consumer_seq)
+
+
+async def _unsubscribe(sub: JetStreamContext.PushSubscription) -> None:
+    with contextlib.suppress(Exception):  # the connection may be closing: the server drops it anyway
+        await sub.unsubscribe()
+
+
+def _event_of(msg: Msg) -> RunEvent | None:
+    try:
+        workflow, run_id, node, kind = parse_event_subject(msg.subject)
+    except ValueError:
+        return None
+    try:
+        payload = decode(msg.data) if msg.data else {}
+    except MalformedMessage:
+        payload = {}  # the subject still says what happened; observers must not crash on a bad body
+    timestamp = msg.metadata.timestamp
+    return RunEvent(
+        workflow=workflow,
+        run_id=run_id,
+        node=None if node in (RUN_TOKEN, TRIGGER_TOKEN) else node,
+        kind=kind,
+        at=timestamp.timestamp() if timestamp else time.time(),
+        data=payload if isinstance(payload, dict) else {"value": payload},
+        seq=int(msg.metadata.sequence.stream),
+    )

@@ -1,0 +1,310 @@
+"""``TracingInterceptor``: every run is one OpenTelemetry trace, across every hop, worker and retry.
+
+The root span is *promised* when the trigger arrives (its ids become the run's ``traceparent``, which
+every later message carries, so each attempt on any worker is its child) and *emitted* by whichever
+worker publishes the run's terminal event, with the promised ids and the run's real start time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.trace import Event, ReadableSpan, Tracer, TracerProvider
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
+
+from flow_orchestrator.bus._interceptors import Interceptor
+from flow_orchestrator.bus._subjects import RUN_TOKEN
+from flow_orchestrator.bus.types import (
+    ExecuteNodeInput,
+    NodeCall,
+    PublishCall,
+    PublishInput,
+    TriggerCall,
+    TriggerInput,
+)
+
+log = logging.getLogger("flow_orchestrator.telemetry")
+
+INSTRUMENTATION_NAME = "flow_orchestrator"
+try:
+    INSTRUMENTATION_VERSION: str | None = version("flow-orchestrator")
+except PackageNotFoundError:  # running from a source tree
+    INSTRUMENTATION_VERSION = None
+
+# Our tracestate entry, "<root span id><publisher's span id or 0s>" in 32 hex digits, travels with the
+# run's traceparent: the worker that ends the run learns the root's parent from it, and can tell a
+# root this interceptor promised from a traceparent that reached the run some other way.
+TRACESTATE_KEY = "flow-orchestrator"
+_RUN_END = frozenset({"completed", "failed", "cancelled"})
+_WATCHED = _RUN_END | {"started", "retrying", "lost"}
+_MESSAGING: dict[str, AttributeValue] = {
+    "messaging.system": "nats",
+    "messaging.operation.type": "process",
+    "messaging.operation.name": "process",
+}
+_propagator = TraceContextTextMapPropagator()
+
+
+def remember(cache: OrderedDict[str, Any], key: str, value: Any, capacity: int) -> None:
+    """Put ``key`` in a bounded insertion-ordered cache, dropping the oldest entries."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > capacity:
+        cache.popitem(last=False)
+
+
+def _ns(seconds: Any) -> int:
+    return int(float(seconds) * 1e9) if isinstance(seconds, int | float) else time.time_ns()
+
+
+def _describe(error: Any) -> tuple[str, str, str | None] | None:
+    """(type, message, node) of an exception, or of an error as the run journal records it."""
+    if isinstance(error, BaseException):
+        return type(error).__qualname__, str(error), None
+    if not isinstance(error, Mapping) or not error:
+        return None
+    node = error.get("node")
+    return str(error.get("type")), str(error.get("message")), str(node) if node else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """An event this worker published: its subject's parts, headers and payload."""
+
+    prefix: str
+    workflow: str
+    run_id: str
+    node: str
+    kind: str
+    headers: Mapping[str, str]
+    payload: Mapping[str, Any]
+
+
+def promise_root(tracer: Tracer, input: TriggerInput) -> SpanContext:
+    """Choose the root span's ids and sampling now, and make them the run's trace context."""
+    parent_context = _propagator.extract(input.headers)
+    parent = trace_api.get_current_span(parent_context).get_span_context()
+    trace_id = parent.trace_id if parent.is_valid else tracer.id_generator.generate_trace_id()
+    span_id = tracer.id_generator.generate_span_id()
+    attributes = {"workflow": input.workflow, "run_id": input.run_id}
+    sampling = tracer.sampler.should_sample(
+        parent_context, trace_id, f"run {input.workflow}", SpanKind.INTERNAL, attributes
+    )
+    state = sampling.trace_state or trace_api.TraceState()
+    marker = f"{span_id:016x}{parent.span_id if parent.is_valid else 0:016x}"
+    state = (
+        state.update(TRACESTATE_KEY, marker) if TRACESTATE_KEY in state else state.add(TRACESTATE_KEY, marker)
+    )
+    sampled = sampling.decision is Decision.RECORD_AND_SAMPLE
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    root = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=state)
+    input.headers.pop("tracestate", None)
+    _propagator.inject(input.headers, context=trace_api.set_span_in_context(NonRecordingSpan(root)))
+    return root
+
+
+class TracingInterceptor(Interceptor):
+    """One trace per run (see the module docstring); list it first so its spans cover the others.
+
+    Spans: ``run <workflow>`` (the root, from trigger to finish; its parent is the trigger publisher's
+    span when the trigger carried a ``traceparent``), ``run <workflow> started``, one ``<workflow>.<node>``
+    per attempt (retries are siblings with their ``attempt``), and short spans for supervisor decisions
+    seen on the bus: ``... retry scheduled`` (lasting the backoff), ``... attempt lost``, ``... failed``.
+    Decisions are child spans rather than events of the root because the root is emitted by the worker
+    that ends the run, which need not be the one that saw them.
+
+    ``tracer_provider`` must be an SDK ``TracerProvider`` (None: the global one, once it is set); with
+    any other provider every hook only calls the next one.
+    """
+
+    def __init__(self, tracer_provider: trace_api.TracerProvider | None = None, *, capacity: int = 10_000):
+        self._provider = tracer_provider
+        self._tracer: Tracer | None = None
+        self._settled = False
+        self._capacity = capacity
+        self._ended: OrderedDict[str, None] = OrderedDict()  # runs whose root this worker emitted
+        self._scope = InstrumentationScope(INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION)
+
+    def _sdk_tracer(self) -> Tracer | None:
+        if self._settled:
+            return self._tracer
+        provider = self._provider or trace_api.get_tracer_provider()
+        if isinstance(provider, TracerProvider):
+            tracer = provider.get_tracer(INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION)
+            self._tracer = tracer if isinstance(tracer, Tracer) else None  # None when the SDK is disabled
+            self._settled = True
+        elif self._provider is not None:
+            self._settled = True  # an injected non-SDK provider: tracing stays off
+        return self._tracer  # the global provider may be set later: look again next time
+
+    async def receive_trigger(self, input: TriggerInput, call_next: TriggerCall) -> Any:
+        tracer = self._sdk_tracer()
+        if tracer is None:
+            return await call_next(input)
+        received = time.time_ns()
+        root = promise_root(tracer, input)
+        try:
+            # Inner interceptors (and their log records) already see the run's trace.
+            with trace_api.use_span(
+                NonRecordingSpan(root), record_exception=False, set_status_on_exception=False
+            ):
+                return await call_next(input)
+        except Exception as exc:  # the trigger is rejected: its run's trace is this root alone
+            if root.trace_flags.sampled:
+                rejected = _Seen("", input.workflow, input.run_id, RUN_TOKEN, "rejected", input.headers, {})
+                self._emit_root(tracer, root, rejected, start=received, end=time.time_ns(), error=exc)
+            raise
+
+    async def execute_node(self, input: ExecuteNodeInput, call_next: NodeCall) -> Any:
+        tracer = self._sdk_tracer()
+        if tracer is None:
+            return await call_next(input)
+        attributes = {**_MESSAGING, "workflow": input.workflow, "run_id": input.run_id, "node": input.node}
+        with tracer.start_as_current_span(
+            f"{input.workflow}.{input.node}",
+            context=_propagator.extract(input.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={**attributes, "attempt": input.attempt},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                output = await call_next(input)
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_attributes({"outcome": "failed", "error.type": type(exc).__qualname__})
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                raise
+            except BaseException:
+                span.set_attribute("outcome", "cancelled")  # the run was cancelled or the worker stopped
+                raise
+            span.set_attribute("outcome", "completed")
+            return output
+
+    async def publish(self, input: PublishInput, call_next: PublishCall) -> None:
+        await call_next(input)
+        subject = input.subject
+        if input.duplicate or subject[subject.rfind(".") + 1 :] not in _WATCHED:
+            return  # a repeat JetStream already had (a redelivery's re-announcement) counts once
+        tracer = self._sdk_tracer()
+        parts = subject.split(".")
+        if tracer is None or len(parts) != 6 or parts[1] != "evt":
+            return
+        payload = input.payload if isinstance(input.payload, Mapping) else {}
+        seen = _Seen(parts[0], parts[2], parts[3], parts[4], parts[5], input.headers, payload)
+        try:
+            if seen.node == RUN_TOKEN:
+                self._run_event(tracer, seen)
+            elif seen.kind in ("retrying", "lost", "failed"):
+                _decision_span(tracer, seen)
+        except Exception:  # telemetry must never change what the engine does
+            log.warning("tracing: could not record %s", subject, exc_info=True)
+
+    def _run_event(self, tracer: Tracer, seen: _Seen) -> None:
+        root = trace_api.get_current_span(_propagator.extract(seen.headers)).get_span_context()
+        marker = root.trace_state.get(TRACESTATE_KEY) or ""
+        if not root.is_valid or not marker.startswith(f"{root.span_id:016x}"):
+            return  # no trace, or a traceparent this interceptor did not promise
+        if seen.kind == "started":
+            attributes = {
+                **_MESSAGING,
+                "messaging.destination.name": f"{seen.prefix}.trigger.{seen.workflow}",
+            }
+            tracer.start_span(
+                f"run {seen.workflow} started",
+                context=trace_api.set_span_in_context(NonRecordingSpan(root)),
+                kind=SpanKind.CONSUMER,
+                attributes={**attributes, "workflow": seen.workflow, "run_id": seen.run_id},
+                start_time=_ns(seen.payload.get("created_at")),  # the root's start: the span stays inside it
+            ).end()
+        elif seen.kind in _RUN_END and root.trace_flags.sampled and seen.run_id not in self._ended:
+            remember(self._ended, seen.run_id, None, self._capacity)
+            start, end = _ns(seen.payload.get("created_at")), _ns(seen.payload.get("finished_at"))
+            self._emit_root(tracer, root, seen, start=start, end=end, error=seen.payload.get("error"))
+
+    def _emit_root(
+        self, tracer: Tracer, root: SpanContext, seen: _Seen, *, start: int, end: int, error: Any
+    ) -> None:
+        """Hand the finished root span, with the promised ids, to the provider's span processors.
+
+        The SDK's tracer always draws new ids, so the span is built as the ``ReadableSpan`` that
+        processors and exporters consume, instead of being started: no id generator or global is
+        swapped. Processors' ``on_start`` is skipped (the root never was a live span).
+        """
+        marker = root.trace_state.get(TRACESTATE_KEY) or ""
+        parent_id = int(marker[16:], 16) if len(marker) == 32 else 0
+        parent = (
+            SpanContext(root.trace_id, parent_id, True, trace_flags=root.trace_flags) if parent_id else None
+        )
+        attributes: dict[str, AttributeValue] = {
+            "workflow": seen.workflow,
+            "run_id": seen.run_id,
+            "status": seen.kind,
+        }
+        events: list[Event] = []
+        status = Status(StatusCode.OK) if seen.kind == "completed" else Status(StatusCode.UNSET)
+        described = _describe(error)
+        if described is not None:
+            kind, message, node = described
+            attributes.update({"error": f"{kind}: {message}", "error.type": kind})
+            if node:
+                attributes["node"] = node
+            events.append(
+                Event("exception", {"exception.type": kind, "exception.message": message}, timestamp=end)
+            )
+            if seen.kind != "cancelled":  # a cancellation is asked for, not an error
+                status = Status(StatusCode.ERROR, f"{kind}: {message}")
+        context = SpanContext(root.trace_id, root.span_id, False, root.trace_flags, root.trace_state)
+        span = ReadableSpan(
+            name=f"run {seen.workflow}",
+            context=context,
+            parent=parent,
+            resource=tracer.resource,
+            attributes=attributes,
+            events=events,
+            kind=SpanKind.INTERNAL,
+            status=status,
+            start_time=start,
+            end_time=max(end, start),
+            instrumentation_scope=self._scope,
+        )
+        tracer.span_processor.on_end(span)
+
+
+def _decision_span(tracer: Tracer, seen: _Seen) -> None:
+    """A short child of the root: a retry scheduled (lasting the backoff), a lost attempt, or a node's
+    final failure that its downstream nodes continue past (``continue_on_error``)."""
+    now, payload = time.time_ns(), seen.payload
+    attributes: dict[str, AttributeValue] = {
+        "workflow": seen.workflow,
+        "run_id": seen.run_id,
+        "node": seen.node,
+    }
+    attributes["attempt"] = int(payload.get("attempt") or 0)
+    end, name, status = now, f"{seen.workflow}.{seen.node} failed", Status(StatusCode.ERROR)
+    if seen.kind == "retrying":
+        delay = float(payload.get("delay") or 0.0)
+        attributes.update(next_attempt=int(payload.get("next_attempt") or 0), delay=delay)
+        end, name, status = now + int(delay * 1e9), f"{seen.workflow}.{seen.node} retry scheduled", Status()
+    elif seen.kind == "lost":
+        name = f"{seen.workflow}.{seen.node} attempt lost"
+        status = Status(StatusCode.ERROR, str(payload.get("reason") or "attempt lost"))
+    described = _describe(payload.get("error"))
+    if described is not None:
+        attributes["error"] = f"{described[0]}: {described[1]}"
+    span = tracer.start_span(
+        name, context=_propagator.extract(seen.headers), attributes=attributes, start_time=now
+    )
+    span.set_status(status)
+    span.end(end_time=end)
