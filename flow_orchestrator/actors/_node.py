@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 from flow_orchestrator._errors import DataKeyNotFound, StateConflict
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
+from flow_orchestrator.actors._faults import crash_point
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode
 from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event
@@ -146,6 +147,7 @@ class NodeActor(Actor):
                 return None
         elif written["holder"] != seq:
             return None
+        crash_point("node.after_join", self.node.name)
         outputs = await self._gather_outputs(run_id, {source: payload.get("output")})
         return Attempt(run_id, 1, payload.get("input"), outputs)
 
@@ -222,6 +224,7 @@ class NodeActor(Actor):
         task = asyncio.current_task()
         assert task is not None
         self.system.gate.track(attempt.run_id, task)
+        crash_point("node.before_action", self.node.name)
         try:
             output = await self.system.chain.execute_node(request)
         except asyncio.CancelledError:
@@ -235,6 +238,7 @@ class NodeActor(Actor):
             return
         finally:
             self.system.gate.untrack(attempt.run_id, task)
+        crash_point("node.after_action", self.node.name)
         await self._finish_completed(msg, attempt, output)
 
     async def _finish_completed(self, msg: Msg, attempt: Attempt, output: Any) -> None:
@@ -253,6 +257,7 @@ class NodeActor(Actor):
                 body,
                 headers={**attempt.trace, **EXPECT_NEW_SUBJECT},
             )
+        crash_point("node.after_publish", self.node.name)
         await msg.ack()
 
     async def _finish_failed(

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
+from flow_orchestrator.actors._faults import crash_point
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode
 from flow_orchestrator.bus._propagation import trace_headers
@@ -48,6 +49,7 @@ class SupervisorActor(Actor):
                 stream=names.events_stream,
                 durable=names.supervisor_consumer(wf),
                 filter_subjects=tuple(subjects),
+                ack_wait=options.pop("ack_wait", 30.0),
             ),
             **options,
         )
@@ -120,6 +122,7 @@ class SupervisorActor(Actor):
             msg_id=f"{run_id}.{node}.{attempt}.schedule",
             headers={**trace, SCHEDULE: schedule_time(delay), SCHEDULE_TARGET: target},
         )
+        crash_point("supervisor.after_schedule", node)
 
     async def _fail_run(self, run_id: str, node: str, error: dict[str, Any], trace: dict[str, str]) -> None:
         info = {"node": node, "type": error.get("type"), "message": error.get("message")}
@@ -169,6 +172,8 @@ class SupervisorActor(Actor):
         None): a redelivery after a crash between the record write and the event must still announce
         it; the message id makes a repeat harmless. The run's own trace context (kept in its record)
         goes on the event, so tracing can close the run's root span."""
+        if written is not None:
+            crash_point("supervisor.after_record")
         record = written
         if record is None:
             current = await self.system.store.get(Names.run_key(run_id))

@@ -17,6 +17,7 @@ from nats.js.api import DeliverPolicy
 
 from flow_orchestrator._errors import InvalidRunId, StateConflict, UnknownWorkflow
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
+from flow_orchestrator.actors._faults import crash_point
 from flow_orchestrator.actors._system import MSG_ID, ActorSystem
 from flow_orchestrator.bus._codec import decode_trigger
 from flow_orchestrator.bus._propagation import trace_headers
@@ -61,6 +62,7 @@ class TriggerActor(Actor):
                 filter_subjects=(names.trigger(definition.name),),
                 deliver_policy=DeliverPolicy.BY_START_TIME,
                 opt_start_time=start_time,
+                ack_wait=options.pop("ack_wait", 30.0),
             ),
             **options,
         )
@@ -96,6 +98,7 @@ class TriggerActor(Actor):
                 await msg.ack()
                 return
             record = existing.value
+        crash_point("trigger.after_record")
         await self.system.emit(
             self.system.names.run_event(self.definition.name, run_id, "started"),
             {"input": record["input"], "created_at": record["created_at"]},
@@ -121,6 +124,7 @@ class TriggerRouter(Actor):
                 stream=names.triggers_stream,
                 durable=names.router_consumer,
                 filter_subjects=(f"{names.prefix}.trigger.>",),
+                ack_wait=options.pop("ack_wait", 30.0),
             ),
             **options,
         )

@@ -113,7 +113,7 @@ class Worker:
         )
         self.system = system
         await system.open_gate()
-        options = {"concurrency": self.concurrency}
+        options: dict[str, Any] = {"concurrency": self.concurrency, "ack_wait": self.ack_wait}
         for definition in self.definitions:
             registered_at = await self._register(system, definition)
             start_time = dt.datetime.fromtimestamp(
@@ -121,7 +121,7 @@ class Worker:
             )
             self._actors.append(SupervisorActor(system, definition, **options))
             for spec in definition.nodes.values():
-                self._actors.append(NodeActor(system, definition, spec, ack_wait=self.ack_wait, **options))
+                self._actors.append(NodeActor(system, definition, spec, **options))
             self._actors.append(TriggerActor(system, definition, start_time=start_time, **options))
         self._actors.append(TriggerRouter(system, **options))
         # Node actors first and triggers last, so no run starts before its nodes listen.
