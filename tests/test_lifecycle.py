@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from flow_orchestrator import NodeContext, NodeStatus, RetryPolicy, Workflow
+import pytest
+
+from flow_orchestrator import NodeContext, NodeStatus, RetryPolicy, RunFailed, Workflow
+from flow_orchestrator.runtime._resume import RunNotRetryable
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
 
@@ -127,3 +130,59 @@ async def test_back_pressure_leaves_surplus_work_in_jetstream(env_factory: Any) 
 async def _consumer(env: LocalEnvironment, name: str, check: Any) -> Any:
     info = await env.client.bus.js.consumer_info(env.names.events_stream, name)
     return info if check(info) else None
+
+
+async def test_retry_a_failed_run_from_its_failed_nodes(env_factory: Any) -> None:
+    wf = Workflow("fixable")
+    calls: dict[str, int] = {}
+    broken = {"yes": True}
+
+    def counted(name: str) -> None:
+        calls[name] = calls.get(name, 0) + 1
+
+    @wf.node()
+    async def prepare(ctx: NodeContext) -> int:
+        counted("prepare")
+        await ctx.data.set("prepared", True)
+        return 1
+
+    @wf.node(depends_on=[prepare])
+    async def fragile(ctx: NodeContext) -> int:
+        counted("fragile")
+        if broken["yes"]:
+            raise RuntimeError("bug in fragile")
+        return ctx.output("prepare") + 1
+
+    @wf.node(depends_on=[prepare])
+    async def slow_side(ctx: NodeContext) -> int:
+        counted("slow_side")
+        await asyncio.sleep(0.3)
+        return 10
+
+    @wf.node(depends_on=[slow_side])
+    async def after_side(ctx: NodeContext) -> int:  # ready only after the run already failed
+        counted("after_side")
+        return ctx.output("slow_side") + 1
+
+    @wf.node(depends_on=[fragile, after_side])
+    async def finish(ctx: NodeContext) -> int:
+        counted("finish")
+        assert await ctx.data.get_bool("prepared")
+        return ctx.output("fragile") + ctx.output("after_side")
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("fixable", {})
+    with pytest.raises(RunFailed, match="bug in fragile"):
+        await handle.result()
+    await eventually(lambda: calls.get("slow_side") == 1, within=10)
+    await asyncio.sleep(0.5)  # slow_side completes after the failure; after_side must not start
+    assert "after_side" not in calls
+    broken["yes"] = False  # "deploy the fix"
+    resumed = await handle.retry()
+    assert resumed == ["fragile", "after_side"]
+    assert await handle.result() == 2 + 11
+    assert calls == {"prepare": 1, "fragile": 2, "slow_side": 1, "after_side": 1, "finish": 1}
+    snapshot = await handle.status()
+    assert snapshot.nodes["fragile"].attempts == 2
+    with pytest.raises(RunNotRetryable, match="completed"):
+        await handle.retry()

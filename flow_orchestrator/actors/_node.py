@@ -102,7 +102,7 @@ class NodeActor(Actor):
     # --- receiving ------------------------------------------------------------------------------
     async def receive(self, msg: Msg) -> None:
         _, run_id, source, kind = parse_event_subject(msg.subject)
-        if self.system.gate.closed(run_id):
+        if self.system.gate.closed(run_id) and not await self.system.reopened(run_id):
             await msg.ack()
             return
         payload = decode(msg.data)

@@ -53,6 +53,9 @@ class RunGate:
     def closed(self, run_id: str) -> str | None:
         return self._closed.get(run_id)
 
+    def reopen(self, run_id: str) -> None:
+        self._closed.pop(run_id, None)
+
     def track(self, run_id: str, task: asyncio.Task[Any]) -> None:
         self._attempts.setdefault(run_id, set()).add(task)
 
@@ -172,6 +175,14 @@ class ActorSystem:
             rejected_subject(self.names, workflow, run_id), event, headers=trace_headers(msg.headers)
         )
         return int(event["dlq_seq"])
+
+    async def reopened(self, run_id: str) -> bool:
+        """Whether a run this worker saw close is running again (``flowctl retry``): ask its record."""
+        found = await self.store.get(Names.run_key(run_id))
+        if found is not None and found.value.get("status") == "running":
+            self.gate.reopen(run_id)
+            return True
+        return False
 
     async def open_gate(self) -> None:
         """Follow run-level terminal events so closed runs start no new attempts on this worker."""

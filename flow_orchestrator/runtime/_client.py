@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -30,6 +30,7 @@ from flow_orchestrator.bus._streams import StorageSettings, provision
 from flow_orchestrator.bus._subjects import TRIGGER_TOKEN, Names, check_run_id, parse_event_subject
 from flow_orchestrator.runtime._events import RunEvent, follow_run, follow_workflow
 from flow_orchestrator.runtime._journal import NodeView, fold_events
+from flow_orchestrator.runtime._resume import resume_failed_run
 from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus, derive_node_statuses
 from flow_orchestrator.runtime._workflow import Workflow, shape_from_description
 
@@ -163,6 +164,21 @@ class RunHandle:
 
     async def status(self) -> RunSnapshot:
         return await self.client.snapshot(self.run_id)
+
+    async def retry(self) -> list[str]:
+        """Re-run this failed run from its failed nodes, keeping completed ones and the run's data.
+        Returns the nodes given a new attempt. Raises :class:`RunNotRetryable` unless it failed."""
+        client = self.client
+        description = await client.describe(self.workflow)
+        events = await client.journal(self.run_id, self.workflow)
+        return await resume_failed_run(
+            client.store,
+            client.bus.js,
+            client.names,
+            self.run_id,
+            shape=shape_from_description(description),
+            events=events,
+        )
 
     async def cancel(self, reason: str | None = None) -> None:
         """Ask the supervisor to cancel the run; running attempts are cancelled, the rest never start."""
@@ -305,14 +321,14 @@ class Client:
         runs.sort(key=lambda r: r.get("created_at") or 0.0, reverse=True)
         return runs[:limit]
 
-    def events(self, run_id: str, workflow: str | None = None) -> AsyncIterator[RunEvent]:
+    def events(self, run_id: str, workflow: str | None = None) -> AsyncGenerator[RunEvent, None]:
         """A run's events in order, live, ending after its terminal event: ``async for event in
         client.events(run_id)``. What already happened is replayed first, so a finished run's journal
         is yielded and the loop ends. Without ``workflow`` it is read from the run record
         (:class:`RunNotFound` if there is none yet)."""
         return follow_run(self, run_id, workflow=workflow)
 
-    def workflow_events(self, workflow: str, *, from_start: bool = False) -> AsyncIterator[RunEvent]:
+    def workflow_events(self, workflow: str, *, from_start: bool = False) -> AsyncGenerator[RunEvent, None]:
         """The events of every run of ``workflow`` as they happen; endless: break out of the loop."""
         return follow_workflow(self, workflow, from_start=from_start)
 

@@ -27,7 +27,8 @@ _TERMINAL_EVENT = {"completed", "failed", "cancelled"}
 
 def fold_events(events: Iterable[Mapping[str, Any]]) -> dict[str, NodeView]:
     """Node views from journal events (``{node, kind, at, data}``), oldest first. Run-level and
-    trigger-level events are skipped. A terminal event is final: nothing after it changes the view."""
+    trigger-level events are skipped. Completed and cancelled are final; failed is final unless a
+    later attempt follows (the run was retried with ``flowctl retry``)."""
     views: dict[str, NodeView] = {}
     for event in events:
         fold_event(views, event)
@@ -41,11 +42,15 @@ def fold_event(views: dict[str, NodeView], event: Mapping[str, Any]) -> None:
     if node.startswith("_"):
         return
     view = views.setdefault(node, NodeView())
-    if view.status in (NodeStatus.COMPLETED, NodeStatus.CANCELLED) or (
-        view.status is NodeStatus.FAILED and event["kind"] != "failed"
-    ):
-        return
     data = event.get("data") or {}
+    if view.status in (NodeStatus.COMPLETED, NodeStatus.CANCELLED):
+        return
+    if (
+        view.status is NodeStatus.FAILED
+        and event["kind"] != "failed"
+        and int(data.get("attempt") or 0) <= view.attempts
+    ):
+        return  # a failure is final unless the run is retried (a later attempt supersedes it)
     kind = event["kind"]
     attempt = int(data.get("attempt") or 0)
     if kind == "started":
