@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
+import nats
 from pydantic import BaseModel
 
 from flow_orchestrator import NodeContext, RetryPolicy, Workflow
@@ -76,3 +78,34 @@ async def wake(ctx: NodeContext) -> str:
 
 
 workflows = [wf, failing, slow]
+
+
+gated = Workflow("cli_gated")
+
+
+@gated.node()
+async def prepare(ctx: NodeContext) -> str:
+    return "ready"
+
+
+@gated.node(depends_on=[prepare], timeout=60)
+async def wait_for_gate(ctx: NodeContext) -> str:
+    """Runs until a request arrives on the subject named by the input's ``gate`` (and answers it),
+    so a test decides when the run goes on."""
+    nc = await nats.connect(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    try:
+        sub = await nc.subscribe(ctx.input["gate"], max_msgs=1)
+        msg = await sub.next_msg(timeout=None)
+        await msg.respond(b"opened")
+        return msg.data.decode()
+    finally:
+        await nc.close()
+
+
+@gated.node(depends_on=[wait_for_gate])
+async def finish(ctx: NodeContext) -> str:
+    return f"the gate said {ctx.output('wait_for_gate')}"
+
+
+# What tests/test_observe.py hosts: the workflows above and one whose run waits for the test.
+observed = [*workflows, gated]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import time
@@ -39,7 +40,7 @@ class ConsumerSpec:
     durable: str
     filter_subjects: tuple[str, ...]
     ack_wait: float = 30.0
-    max_deliver: int = 100
+    max_deliver: int = 20
     max_ack_pending: int = 10_000
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL
     opt_start_time: datetime.datetime | None = None
@@ -64,7 +65,10 @@ class Actor:
         *,
         concurrency: int = 256,
         capacity: Capacity | None = None,
+        max_deliver: int | None = None,
     ) -> None:
+        if max_deliver is not None:
+            spec = dataclasses.replace(spec, max_deliver=max_deliver)
         self.system = system
         self.spec = spec
         self.name = spec.durable
@@ -128,6 +132,12 @@ class Actor:
     async def _handle(self, msg: Msg) -> None:
         try:
             self._held[id(msg)] = (msg, time.monotonic())
+            delivered = _num_delivered(msg)
+            if delivered >= self.spec.max_deliver > 1:
+                # Every earlier delivery crashed or stalled a worker: do not run it again.
+                await self.system.give_up(msg, self.spec.durable, delivered)
+                await msg.term()
+                return
             await self.receive(msg)
         except asyncio.CancelledError:
             # Stopping: leave the message for another worker, promptly.

@@ -83,6 +83,7 @@ class NodeActor(Actor):
         )
         self.definition = definition
         self.node = spec
+        system.consumer_nodes[self.spec.durable] = (definition.name, spec.name)
         self._needed = frozenset(spec.upstreams)
         self._action = self._wrap(spec)
 
@@ -181,7 +182,7 @@ class NodeActor(Actor):
             self._subject(attempt.run_id, "lost"),
             {"attempt": lost, "reason": "delivery timed out: the worker holding it stopped or stalled"},
             headers=attempt.trace,
-            durable=False,
+            msg_id=f"{attempt.run_id}.{self.node.name}.{lost}.lost",
         )
         attempt.attempt += redelivered
         return True

@@ -16,15 +16,15 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from flow_orchestrator._errors import StateConflict
-from flow_orchestrator.bus._codec import encode
+from flow_orchestrator.bus._codec import decode, encode
 from flow_orchestrator.bus._connection import Bus
-from flow_orchestrator.bus._dlq import dead_letter, rejected_subject
+from flow_orchestrator.bus._dlq import Letter, dead_letter, rejected_subject
 from flow_orchestrator.bus._interceptors import InterceptorChain
 from flow_orchestrator.bus._journal import is_subject_conflict
 from flow_orchestrator.bus._kv import StateStore
 from flow_orchestrator.bus._propagation import trace_headers
 from flow_orchestrator.bus._pull import Capacity
-from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, is_valid_run_id, parse_event_subject
+from flow_orchestrator.bus._subjects import DLQ_TOKEN, RUN_TOKEN, Names, is_valid_run_id, parse_event_subject
 from flow_orchestrator.bus.types import PublishInput
 
 log = logging.getLogger("flow_orchestrator.actors")
@@ -91,6 +91,7 @@ class ActorSystem:
         self.unknown_workflow_grace = unknown_workflow_grace
         self.gate = RunGate()
         self.capacity = Capacity(max_in_flight)
+        self.consumer_nodes: dict[str, tuple[str, str]] = {}  # durable consumer -> (workflow, node)
         self.api_prefix = "$JS.API"
         self.chain: InterceptorChain  # set by the worker once interceptors are known
         self._gate_subs: list[Subscription] = []
@@ -164,16 +165,23 @@ class ActorSystem:
                 raise StateConflict(f"{message.subject} already has a message") from exc
             raise
 
-    async def dead_letter(self, msg: Msg, *, reason: str, error: BaseException | str) -> int:
-        workflow, run_id = _workflow_and_run(msg.subject, self.names)
+    async def dead_letter(self, msg: Msg | Letter, *, reason: str, error: BaseException | str) -> int:
+        letter = msg if isinstance(msg, Letter) else Letter.of(msg)
+        workflow, run_id = _workflow_and_run(letter.subject, self.names)
         if run_id is None:
             # A trigger's run id is its Nats-Msg-Id: name the run, so whoever waits on it hears why.
-            given = (msg.headers or {}).get(MSG_ID)
+            given = letter.headers.get("Flow-Run-Id") or letter.headers.get(MSG_ID)
             run_id = given if given is not None and is_valid_run_id(given) else None
-        event = await dead_letter(self.bus.js, self.names, msg, workflow=workflow, reason=reason, error=error)
-        await self.emit(
-            rejected_subject(self.names, workflow, run_id), event, headers=trace_headers(msg.headers)
+        event = await dead_letter(
+            self.bus.js, self.names, letter, workflow=workflow, reason=reason, error=error
         )
+        # A trigger that became no run is "rejected" (its waiters get the typed error); a message of a
+        # running run is recorded in that run's journal as "dead_lettered".
+        if ".trigger." in letter.subject:
+            subject = rejected_subject(self.names, workflow, run_id)
+        else:
+            subject = self.names.event(workflow, run_id or "_none", DLQ_TOKEN, "dead_lettered")
+        await self.emit(subject, event, headers=trace_headers(letter.headers))
         return int(event["dlq_seq"])
 
     async def reopened(self, run_id: str) -> bool:
@@ -198,6 +206,29 @@ class ActorSystem:
                     f"{self.names.prefix}.evt.*.*.{RUN_TOKEN}.{kind}", cb=on_run_event
                 )
             )
+
+    async def give_up(self, msg: Msg, consumer: str, deliveries: int) -> None:
+        """The last allowed delivery of a message whose every earlier delivery crashed or stalled its
+        worker: dead-letter it instead of running it again. If a node was waiting on it, report that
+        node's attempt failed, so the run fails visibly instead of hanging."""
+        letter = Letter.of(msg)
+        reason = f"consumer {consumer} gave up after {deliveries} deliveries (each crashed or timed out)"
+        await self.dead_letter(letter, reason="max_deliveries", error=reason)
+        waiting = self.consumer_nodes.get(consumer)
+        if waiting is not None:
+            await self._fail_waiting_node(*waiting, letter=letter, reason=reason)
+
+    async def _fail_waiting_node(self, workflow: str, node: str, *, letter: Letter, reason: str) -> None:
+        _, run_id, _, _ = parse_event_subject(letter.subject)
+        payload = decode(letter.data) if letter.data else {}
+        error = {"type": "PoisonMessage", "message": f"dead-lettered: {reason}", "retryable": False}
+        body = {"attempt": 0, "error": error, "retry": False, "input": payload.get("input"), "outputs": {}}
+        await self.emit(
+            self.names.event(workflow, run_id, node, "attempt_failed"),
+            body,
+            msg_id=f"{run_id}.{node}.poison",
+            headers=trace_headers(letter.headers),
+        )
 
     async def close_gate(self) -> None:
         for sub in self._gate_subs:

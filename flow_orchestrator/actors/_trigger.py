@@ -26,14 +26,18 @@ from flow_orchestrator.bus.types import TriggerInput
 from flow_orchestrator.runtime._status import RunStatus
 from flow_orchestrator.runtime._workflow import WorkflowDefinition
 
+RUN_ID_HEADER = "Flow-Run-Id"
+
 
 def run_id_for(msg: Msg) -> str:
-    """The run id of a trigger: its ``Nats-Msg-Id``, else one stable across redeliveries."""
-    given = (msg.headers or {}).get(MSG_ID)
+    """The run id of a trigger: ``Flow-Run-Id`` (a replayed dead letter), else its ``Nats-Msg-Id``,
+    else one derived from the message, stable across redeliveries."""
+    headers = msg.headers or {}
+    given = headers.get(RUN_ID_HEADER) or headers.get(MSG_ID)
     if given is not None:
         if not is_valid_run_id(given):
             raise InvalidRunId(
-                f"trigger on {msg.subject!r} has Nats-Msg-Id {given!r}, which is not a valid run id: "
+                f"trigger on {msg.subject!r} has run id (Nats-Msg-Id) {given!r}, which is not valid: "
                 "use 1-128 letters, digits, '_' or '-'"
             )
         return given

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import nats.js.errors as js_errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -35,10 +36,9 @@ async def last_event(js: JetStreamContext, stream: str, subject: str) -> dict[st
     return payload if isinstance(payload, dict) else {"value": payload}
 
 
-async def read_events(
-    js: JetStreamContext, stream: str, subject: str, batch: int = 512
-) -> list[dict[str, Any]]:
-    """Every event on ``subject`` (wildcards allowed), oldest first, as ``{node, kind, at, data}``."""
+async def read_messages(js: JetStreamContext, stream: str, subject: str, batch: int = 512) -> list[Msg]:
+    """Every message on ``subject`` (wildcards allowed) in ``stream``, oldest first, through a
+    short-lived consumer that acknowledges nothing."""
     sub = await js.pull_subscribe(
         subject,
         stream=stream,
@@ -49,22 +49,32 @@ async def read_events(
             mem_storage=True,
         ),
     )
-    events: list[dict[str, Any]] = []
+    messages: list[Msg] = []
     try:
         pending = (await sub.consumer_info()).num_pending or 0
         while pending > 0:
             for msg in await sub.fetch(min(batch, pending), timeout=5.0):
-                _, _, node, kind = parse_event_subject(msg.subject)
-                events.append(
-                    {
-                        "node": node,
-                        "kind": kind,
-                        "at": msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else None,
-                        "data": decode(msg.data) if msg.data else {},
-                        "headers": dict(msg.headers or {}),
-                    }
-                )
+                messages.append(msg)
                 pending = msg.metadata.num_pending or 0
     finally:
         await sub.unsubscribe()
+    return messages
+
+
+async def read_events(
+    js: JetStreamContext, stream: str, subject: str, batch: int = 512
+) -> list[dict[str, Any]]:
+    """Every event on ``subject`` (wildcards allowed), oldest first, as ``{node, kind, at, data}``."""
+    events: list[dict[str, Any]] = []
+    for msg in await read_messages(js, stream, subject, batch):
+        _, _, node, kind = parse_event_subject(msg.subject)
+        events.append(
+            {
+                "node": node,
+                "kind": kind,
+                "at": msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else None,
+                "data": decode(msg.data) if msg.data else {},
+                "headers": dict(msg.headers or {}),
+            }
+        )
     return events

@@ -12,6 +12,7 @@ from flow_orchestrator._errors import InvalidNameError
 
 RUN_TOKEN = "_run"  # the node token of run-level events (a virtual node, so user nodes may not start with _)
 TRIGGER_TOKEN = "_trigger"
+DLQ_TOKEN = "_dlq"  # the node token of "dead_lettered" events in a run's journal
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _DATA_KEY = re.compile(r"^[A-Za-z0-9_=/-]{1,200}$")

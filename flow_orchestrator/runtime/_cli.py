@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ack-wait", type=float, default=30.0, help="seconds before a silent worker's work moves on"
     )
+    p.add_argument("--max-deliver", type=int, default=20, help="deliveries before a message is dead-lettered")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port")
 
     p = command("run", cmd.run, "start a run, wait for it and print its result")
@@ -105,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", cmd.status, "show a run and its nodes")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--json", action="store_true")
+
+    p = command("watch", cmd.watch, "follow a run live until it ends (exit 0 if it completed)")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--timeout", type=float, help="seconds to wait (default: forever)")
+
+    p = command("show", cmd.show, "show a run's timeline: every node attempt, its duration and outcome")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--json", action="store_true", help="print the timeline as one JSON document")
 
     p = command("runs", cmd.runs, "list recent runs, newest first")
     p.add_argument("--workflow")

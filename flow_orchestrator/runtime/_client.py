@@ -28,6 +28,7 @@ from flow_orchestrator.bus._journal import last_event, read_events
 from flow_orchestrator.bus._kv import StateStore
 from flow_orchestrator.bus._streams import StorageSettings, provision
 from flow_orchestrator.bus._subjects import TRIGGER_TOKEN, Names, check_run_id, parse_event_subject
+from flow_orchestrator.runtime._dead_letters import DeadLetter, list_dead_letters, replay_dead_letter
 from flow_orchestrator.runtime._events import RunEvent, follow_run, follow_workflow
 from flow_orchestrator.runtime._journal import NodeView, fold_events
 from flow_orchestrator.runtime._resume import resume_failed_run
@@ -331,6 +332,14 @@ class Client:
     def workflow_events(self, workflow: str, *, from_start: bool = False) -> AsyncGenerator[RunEvent, None]:
         """The events of every run of ``workflow`` as they happen; endless: break out of the loop."""
         return follow_workflow(self, workflow, from_start=from_start)
+
+    async def dead_letters(self, workflow: str | None = None) -> list[DeadLetter]:
+        """Messages that could not be processed, oldest first, with reason, error and original."""
+        return await list_dead_letters(self.bus.js, self.names, workflow)
+
+    async def replay_dead_letter(self, letter_id: int) -> str:
+        """Publish a dead-lettered trigger again (after fixing what rejected it); returns its run id."""
+        return await replay_dead_letter(self.bus.js, self.names, letter_id)
 
     async def journal(self, run_id: str, workflow: str) -> list[dict[str, Any]]:
         """Every event of a run, oldest first: ``{node, kind, at, data, headers}``."""

@@ -24,6 +24,7 @@ from flow_orchestrator.bus._streams import StorageSettings
 from flow_orchestrator.runtime._client import Client, RunSnapshot
 from flow_orchestrator.runtime._status import RunStatus
 from flow_orchestrator.runtime._telemetry import configure_telemetry
+from flow_orchestrator.runtime._timeline import build_timeline, render_timeline
 from flow_orchestrator.runtime._view import (
     make_console,
     render_graph_mermaid,
@@ -141,6 +142,7 @@ async def worker(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         max_in_flight=args.max_in_flight,
         ack_wait=args.ack_wait,
+        max_deliver=args.max_deliver,
         interceptors=telemetry.interceptors if telemetry else (),
     )
     try:
@@ -208,6 +210,36 @@ async def status(args: argparse.Namespace) -> int:
         console.print(render_snapshot(snapshot))
         if snapshot.status is not RunStatus.RUNNING:
             console.print(render_result(snapshot))
+    return 0
+
+
+async def watch(args: argparse.Namespace) -> int:
+    """Follow a run live until it ends; exit 0 if it completed, 1 otherwise (or on --timeout)."""
+    console = make_console()
+    async with await _connect(args) as client:
+        handle = await client.handle_for(args.run_id)
+        try:
+            async with asyncio.timeout(args.timeout):
+                snapshot = await watch_run(client, handle, console)
+        except TimeoutError:
+            print(f"flowctl: run {handle.run_id} did not finish within {args.timeout}s", file=sys.stderr)
+            return 1
+    return 0 if snapshot.status is RunStatus.COMPLETED else 1
+
+
+async def show(args: argparse.Namespace) -> int:
+    """A run's timeline: one row per node attempt on the run's time axis, its status and trace id."""
+    async with await _connect(args) as client:
+        handle = await client.handle_for(args.run_id)
+        # Read after the record, so a run that just ended shows every attempt the record counts.
+        record = await client._run_record(handle.run_id) or {}
+        events = await client.journal(handle.run_id, handle.workflow)
+        order = (await client.describe(handle.workflow))["order"]
+    timeline = build_timeline(handle.run_id, record, events, order)
+    if args.json:
+        _print_json(timeline.to_json())
+    else:
+        make_console().print(render_timeline(timeline))
     return 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,7 @@ class RunEvent:
 
 async def follow_run(
     client: Client, run_id: str, *, workflow: str | None = None, from_start: bool = True
-) -> AsyncIterator[RunEvent]:
+) -> AsyncGenerator[RunEvent, None]:
     """Yield a run's events in order, live, and stop once its terminal event has been yielded.
 
     From the start (the default), the journal so far is replayed first, so a finished run's events
@@ -101,7 +101,7 @@ async def follow_run(
 
 async def follow_workflow(
     client: Client, workflow: str, *, from_start: bool = False
-) -> AsyncIterator[RunEvent]:
+) -> AsyncGenerator[RunEvent, None]:
     """Yield the events of every run of ``workflow`` as they happen (with ``from_start``, the whole
     retained journal first). It never ends by itself: break out of the loop, or bound it with
     ``asyncio.timeout``, and close it (``contextlib.aclosing``) so its consumer goes at once."""

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -162,12 +162,12 @@ async def watch_run(client: Client, handle: RunHandle, console: Console) -> RunS
             # a second, so a run with thousands of events costs thousands of folds, not renders.
             ticker = asyncio.ensure_future(_tick(redraw, 0.1))
             try:
-                await _follow(events, run, lambda: None)
+                await _follow(events, run, lambda _: None)
             finally:
                 ticker.cancel()
     else:
         printer = _ChangePrinter(console, run.snapshot())
-        await _follow(events, run, lambda: printer(run.snapshot()))
+        await _follow(events, run, lambda event: printer(run.snapshot(), event.at))
     final = await client.snapshot(handle.run_id)
     console.print(render_snapshot(final, depths=depths))
     console.print(render_result(final))
@@ -202,7 +202,9 @@ class LiveRun:
         return snapshot_of(self.run_id, self.record, self.shape, self.views)
 
 
-async def _follow(events: AsyncIterator[RunEvent], run: LiveRun, changed: Callable[[], None]) -> None:
+async def _follow(
+    events: AsyncGenerator[RunEvent, None], run: LiveRun, changed: Callable[[RunEvent], None]
+) -> None:
     async with aclosing(events):
         async for event in events:
             run.apply(event)
@@ -212,7 +214,7 @@ async def _follow(events: AsyncIterator[RunEvent], run: LiveRun, changed: Callab
                     str(run.rejection.get("reason")),
                     f"run {run.run_id!r} of {workflow!r} was rejected: {run.rejection.get('error')}",
                 )
-            changed()
+            changed(event)
 
 
 async def _tick(redraw: Callable[[], None], interval: float) -> None:
@@ -222,16 +224,18 @@ async def _tick(redraw: Callable[[], None], interval: float) -> None:
 
 
 class _ChangePrinter:
-    """Prints a line whenever the run or one of its nodes changes status or attempt (for logs)."""
+    """Prints a line whenever the run or one of its nodes changes status or attempt (for logs), with
+    the time since the run's first event by the server's clock, so a replayed run reads as it ran."""
 
     def __init__(self, console: Console, initial: RunSnapshot) -> None:
         self.console = console
-        self.started = time.monotonic()
+        self.origin: float | None = None
         self.seen = {name: (node.status.value, node.attempts) for name, node in initial.nodes.items()}
         self.run_status: str | None = None
 
-    def __call__(self, snapshot: RunSnapshot) -> None:
-        elapsed = f"{time.monotonic() - self.started:6.2f}s"
+    def __call__(self, snapshot: RunSnapshot, at: float) -> None:
+        self.origin = at if self.origin is None else self.origin
+        elapsed = f"{at - self.origin:6.2f}s"
         if snapshot.status.value != self.run_status and snapshot.status not in TERMINAL_RUN:
             self._run_line(elapsed, snapshot)
         for name, node in snapshot.nodes.items():

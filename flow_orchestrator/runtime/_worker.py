@@ -52,6 +52,10 @@ class Worker:
             stays in JetStream for other workers (back-pressure).
         unknown_workflow_grace: seconds a trigger for an unregistered workflow waits before being
             dead-lettered (a worker hosting it may be starting).
+        ack_wait: seconds a worker may hold a message without a heartbeat before it moves on
+            (how fast the work of a killed worker resumes elsewhere).
+        max_deliver: deliveries of one message before the server gives up on it; it is then
+            dead-lettered (reason ``max_deliveries``) and a node waiting on it fails its run.
         shutdown_grace: seconds in-flight attempts get to finish when the worker stops.
     """
 
@@ -68,6 +72,7 @@ class Worker:
         max_trigger_bytes: int = DEFAULT_MAX_PAYLOAD,
         unknown_workflow_grace: float = 30.0,
         ack_wait: float = 30.0,
+        max_deliver: int = 20,
         shutdown_grace: float = 30.0,
         sync_threads: int = 32,
         worker_id: str | None = None,
@@ -83,6 +88,7 @@ class Worker:
         self.max_trigger_bytes = max_trigger_bytes
         self.unknown_workflow_grace = unknown_workflow_grace
         self.ack_wait = ack_wait
+        self.max_deliver = max_deliver
         self.shutdown_grace = shutdown_grace
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._executor = ThreadPoolExecutor(max_workers=sync_threads, thread_name_prefix="flow-action")
@@ -113,7 +119,11 @@ class Worker:
         )
         self.system = system
         await system.open_gate()
-        options: dict[str, Any] = {"concurrency": self.concurrency, "ack_wait": self.ack_wait}
+        options: dict[str, Any] = {
+            "concurrency": self.concurrency,
+            "ack_wait": self.ack_wait,
+            "max_deliver": self.max_deliver,
+        }
         for definition in self.definitions:
             registered_at = await self._register(system, definition)
             start_time = dt.datetime.fromtimestamp(

@@ -1,0 +1,403 @@
+"""Observing runs: ``Client.events`` (live, replayed, per workflow) against in-process workers, then
+``flowctl watch``, ``show`` and ``runs`` as subprocesses against a worker subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import sys
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import nats
+import nats.errors
+import pytest
+from rich.console import Console
+
+from flow_orchestrator import Client, NodeContext, RunEvent, RunNotFound, RunStatus, Workflow
+from flow_orchestrator.runtime._timeline import build_timeline, trace_id_of
+from flow_orchestrator.runtime._view import watch_run
+from flow_orchestrator.testing import LocalEnvironment, eventually
+from tests.test_cli import CLI, ROOT, WorkerProcess, flowctl, new_prefix, stop_worker
+
+# --- workflows hosted in-process ------------------------------------------------------------------
+GATES: dict[str, asyncio.Event] = {}
+
+held = Workflow("obs_held")
+
+
+@held.node()
+async def first(ctx: NodeContext) -> int:
+    return 1
+
+
+@held.node(depends_on=[first])
+async def hold(ctx: NodeContext) -> int:
+    await GATES[ctx.run_id].wait()  # the test opens the gate
+    return ctx.output("first") + 1
+
+
+quick = Workflow("obs_quick")
+
+
+@quick.node()
+async def only(ctx: NodeContext) -> str:
+    return "done"
+
+
+def steps(events: list[RunEvent]) -> list[tuple[str | None, str]]:
+    return [(event.node, event.kind) for event in events]
+
+
+# --- the events API -------------------------------------------------------------------------------
+async def test_events_follow_a_run_live_and_stop_after_it_ends(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([held])
+    run_id = uuid4().hex
+    GATES[run_id] = asyncio.Event()
+    await env.client.start(held, run_id=run_id)
+    seen: list[RunEvent] = []
+    async with asyncio.timeout(20):
+        # The workflow is given: the run may have no record yet.
+        async for event in env.client.events(run_id, "obs_held"):
+            seen.append(event)
+            if (event.node, event.kind) == ("hold", "started"):
+                GATES[run_id].set()  # the run can only end because this event arrived while it ran
+    assert steps(seen) == [
+        (None, "started"),
+        ("first", "started"),
+        ("first", "completed"),
+        ("hold", "started"),
+        ("hold", "completed"),
+        (None, "completed"),
+    ]
+    assert all(event.workflow == "obs_held" and event.run_id == run_id for event in seen)
+    assert [event.seq for event in seen] == sorted({event.seq for event in seen})
+    assert all(isinstance(event.at, float) and event.at > 0 for event in seen)
+    assert seen[-1].ends_run
+    assert seen[-1].data["results"] == {"hold": 2}
+    assert seen[4].data["output"] == 2
+
+
+async def test_events_of_a_finished_run_replay_its_journal_and_stop(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([quick])
+    handle = await env.client.start(quick)
+    assert await handle.result() == "done"
+    async with asyncio.timeout(20):
+        replayed = [event async for event in env.client.events(handle.run_id)]  # workflow from the record
+    assert steps(replayed) == [
+        (None, "started"),
+        ("only", "started"),
+        ("only", "completed"),
+        (None, "completed"),
+    ]
+    journal = await env.client.journal(handle.run_id, "obs_quick")
+    assert [event.journal_entry() for event in replayed] == [
+        {key: entry[key] for key in ("node", "kind", "at", "data")} for entry in journal
+    ]
+    with pytest.raises(RunNotFound, match="no run with id 'never-ran'"):
+        await anext(env.client.events("never-ran"))
+
+
+async def test_workflow_events_see_every_run(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([quick])
+    ended: dict[str, str] = {}
+    async with (
+        asyncio.timeout(20),
+        aclosing(env.client.workflow_events("obs_quick", from_start=True)) as events,
+    ):
+        started = {(await env.client.start(quick)).run_id for _ in range(2)}
+        async for event in events:
+            if event.ends_run:
+                ended[event.run_id] = event.kind
+            if len(ended) == 2:
+                break
+    assert ended == dict.fromkeys(started, "completed")
+
+
+async def test_workflow_events_by_default_start_from_now(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([quick])
+    earlier = await env.client.start(quick)
+    await earlier.result()
+    consumers = await _consumer_count(env.client)
+
+    async def following() -> bool:
+        return await _consumer_count(env.client) == consumers + 1
+
+    async with aclosing(env.client.workflow_events("obs_quick")) as events:
+        first_event = asyncio.ensure_future(anext(events))
+        await eventually(following, within=10, message="the follower's consumer exists")
+        later = await env.client.start(quick)
+        async with asyncio.timeout(20):
+            event = await first_event
+    assert (event.run_id, event.node, event.kind) == (later.run_id, None, "started")
+
+
+async def _consumer_count(client: Client) -> int:
+    return (await client.bus.js.stream_info(client.names.events_stream)).state.consumer_count
+
+
+async def test_watch_run_draws_the_dag_live_on_a_terminal(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([held])
+    run_id = uuid4().hex
+    GATES[run_id] = asyncio.Event()
+    handle = await env.client.start(held, run_id=run_id)
+    output = io.StringIO()
+    console = Console(file=output, force_terminal=True, width=100)
+    watching = asyncio.ensure_future(watch_run(env.client, handle, console))
+
+    def drawn_hold_running() -> bool:
+        plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.getvalue())  # without the terminal codes
+        return re.search(r"│\s+hold\s+│ running\s+│\s+1 │", plain) is not None
+
+    try:
+        await eventually(drawn_hold_running, within=20, message="the live view shows hold running")
+        assert not watching.done()
+        GATES[run_id].set()
+        async with asyncio.timeout(20):
+            snapshot = await watching
+    finally:
+        watching.cancel()
+    assert snapshot.status is RunStatus.COMPLETED
+    assert [(name, node.status.value) for name, node in snapshot.nodes.items()] == [
+        ("first", "completed"),
+        ("hold", "completed"),
+    ]
+
+
+# --- the timeline (pure) --------------------------------------------------------------------------
+def test_trace_id_comes_from_the_records_traceparent() -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert trace_id_of({"trace": {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}}) == trace_id
+    assert trace_id_of({}) is None
+    assert trace_id_of({"trace": {"traceparent": "garbage"}}) is None
+
+
+def test_timeline_has_one_span_per_attempt() -> None:
+    def event(node: str, kind: str, at: float, **data: Any) -> dict[str, Any]:
+        return {"node": node, "kind": kind, "at": at, "data": data}
+
+    journal = [
+        event("_run", "started", 100.0),
+        event("a", "started", 100.1, attempt=1, started_at=100.1),
+        event("a", "attempt_failed", 100.2, attempt=1, retry=True, error={"type": "E", "message": "x"}),
+        event("a", "retrying", 100.2, attempt=1),
+        event("a", "retry", 100.5, attempt=2),
+        event("a", "started", 100.5, attempt=2, started_at=100.5),
+        event("a", "lost", 101.0, attempt=2),
+        event("a", "started", 101.0, attempt=3, started_at=101.0),
+        event("a", "completed", 101.2, attempt=3, started_at=101.0, finished_at=101.2),
+        event("b", "started", 101.3, attempt=1, started_at=101.3),
+    ]
+    record = {"workflow": "w", "status": "running", "created_at": 100.0}
+    timeline = build_timeline("r", record, journal, ["a", "b"], now=102.0)
+    assert [(s.node, s.attempt, s.outcome) for s in timeline.spans] == [
+        ("a", 1, "retried"),
+        ("a", 2, "lost"),
+        ("a", 3, "completed"),
+        ("b", 1, "running"),
+    ]
+    assert timeline.spans[0].error == "E: x"
+    assert timeline.spans[3].finished_at == 102.0  # still running: it runs until now
+    document = timeline.to_json()
+    assert document["duration_ms"] == pytest.approx(2000.0)
+    assert document["attempts"][2]["start_ms"] == pytest.approx(1000.0)
+    assert document["attempts"][2]["duration_ms"] == pytest.approx(200.0)
+
+    ended = build_timeline("r", {**record, "status": "failed", "finished_at": 101.5}, journal, ["a", "b"])
+    assert ended.spans[3].outcome == "unfinished"
+    assert ended.spans[3].finished_at is None
+
+
+# --- flowctl watch / show / runs ------------------------------------------------------------------
+HOSTED = "tests.cli_workflows:observed"
+
+
+@pytest.fixture
+async def worker(subprocess_env: dict[str, str], tmp_path: Path) -> AsyncIterator[WorkerProcess]:
+    """A ``flowctl worker`` subprocess hosting the CLI workflows and ``cli_gated``."""
+    prefix = new_prefix()
+    log = tmp_path / "worker.log"
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            CLI,
+            "worker",
+            HOSTED,
+            "--prefix",
+            prefix,
+            cwd=ROOT,
+            env=subprocess_env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+        )
+    started = WorkerProcess(prefix, proc, log)
+    try:
+        await eventually(
+            lambda: "hosting" in started.text() or proc.returncode is not None,
+            within=30,
+            message="worker start",
+        )
+        assert proc.returncode is None, f"worker exited early:\n{started.text()}"
+        yield started
+    finally:
+        code = await stop_worker(started)
+    assert code == 0, f"worker exited with {code}:\n{started.text()}"
+
+
+@pytest.mark.slow
+async def test_watch_follows_a_running_run_and_exits_0(
+    worker: WorkerProcess, subprocess_env: dict[str, str], nats_url: str, tmp_path: Path
+) -> None:
+    prefix = ("--prefix", worker.prefix)
+    gate = f"gate.{uuid4().hex}"
+    fired = await flowctl(
+        "trigger", "cli_gated", "--input", f'{{"gate": "{gate}"}}', *prefix, env=subprocess_env
+    )
+    assert fired.code == 0, fired.err
+    run_id = fired.out.strip()
+    await eventually(
+        lambda: _status_of(subprocess_env, worker.prefix, run_id), within=30, message="run accepted"
+    )
+    out = tmp_path / "watch.out"
+    with out.open("wb") as sink:
+        watcher = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", CLI, "watch", run_id, *prefix, cwd=ROOT, env=subprocess_env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink,
+        )  # fmt: skip
+    try:
+        await eventually(
+            lambda: re.search(r"wait_for_gate\s+running \(attempt 1\)", out.read_text()),
+            within=30,
+            message="watch shows the gated node running",
+        )
+        assert watcher.returncode is None  # still watching: the run is waiting for us
+        nc = await nats.connect(nats_url)
+        try:
+            # The node may not listen yet: no responders means "not yet".
+            await eventually(
+                lambda: nc.request(gate, b"go", timeout=1),
+                within=30,
+                message="gate opened",
+                retry_on=(nats.errors.NoRespondersError, nats.errors.TimeoutError),
+            )
+        finally:
+            await nc.close()
+        async with asyncio.timeout(30):
+            code = await watcher.wait()
+    finally:
+        if watcher.returncode is None:
+            watcher.kill()
+            await watcher.wait()
+    text = out.read_text()
+    assert code == 0, text
+    lines = text.splitlines()
+    first_line = next(i for i, line in enumerate(lines) if "prepare" in line)
+    assert re.match(rf"\s+[\d.]+s\s+run {run_id} running$", lines[first_line - 1])
+    assert re.search(r"^\s+[\d.]+s\s+prepare\s+completed \(attempt 1\)$", text, re.M)
+    assert re.search(r"^\s+[\d.]+s\s+wait_for_gate\s+completed \(attempt 1\)$", text, re.M)
+    assert re.search(rf"^\s+[\d.]+s\s+run {run_id} completed$", text, re.M)
+    # The final view is the DAG: nodes indented by depth, with status and attempts.
+    assert re.search(r"│ prepare\s+│ completed\s+│\s+1 │", text)
+    assert re.search(r"│   wait_for_gate\s+│ completed\s+│\s+1 │", text)
+    assert re.search(r"│     finish\s+│ completed\s+│\s+1 │", text)
+    assert '"the gate said go"' in text
+    assert "\x1b[" not in text
+
+
+async def _status_of(env: dict[str, str], prefix: str, run_id: str) -> bool:
+    return (await flowctl("status", run_id, "--json", "--prefix", prefix, env=env)).code == 0
+
+
+@pytest.mark.slow
+async def test_watch_of_a_failed_run_exits_1(worker: WorkerProcess, subprocess_env: dict[str, str]) -> None:
+    prefix = ("--prefix", worker.prefix)
+    failed = await flowctl("run", "cli_fail", "--json", *prefix, env=subprocess_env)
+    assert failed.code == 1, failed.err
+    run_id = failed.json()["run_id"]
+    watched = await flowctl("watch", run_id, *prefix, env=subprocess_env)
+    assert watched.code == 1, watched.out + watched.err
+    out = watched.out
+    assert re.search(r"explode\s+failed \(attempt 1\) ValueError: boom: the widget is missing$", out, re.M)
+    assert re.search(r"after\s+skipped$", out, re.M)
+    assert re.search(rf"run {run_id} failed$", out, re.M)
+    assert "run failed at node explode: ValueError: boom: the widget is missing" in out
+
+    missing = await flowctl("watch", "never-started", *prefix, env=subprocess_env)
+    assert missing.code == 2
+    assert "no run with id 'never-started'" in missing.err
+
+
+@pytest.mark.slow
+async def test_run_text_raises_the_rejection_instead_of_waiting(
+    worker: WorkerProcess, subprocess_env: dict[str, str]
+) -> None:
+    result = await flowctl(
+        "run", "cli_sum", "--input", '{"a": "three", "b": 4}', "--prefix", worker.prefix, env=subprocess_env
+    )
+    assert result.code == 2, result.out + result.err
+    assert "does not match SumIn" in result.err
+
+
+@pytest.mark.slow
+async def test_show_draws_every_attempt_with_its_outcome_and_the_trace(
+    worker: WorkerProcess, subprocess_env: dict[str, str]
+) -> None:
+    prefix = ("--prefix", worker.prefix)
+    ran = await flowctl(
+        "run", "cli_sum", "--input", '{"a": 1, "b": 2}', "--json", *prefix, env=subprocess_env
+    )
+    assert ran.code == 0, ran.err
+    run_id = ran.json()["run_id"]
+
+    shown = await flowctl("show", run_id, *prefix, env=subprocess_env)
+    assert shown.code == 0, shown.err
+    out = shown.out
+    assert re.search(rf"^run {run_id} of cli_sum: completed in [\d.]+ ms$", out, re.M)
+    assert re.search(r"^trace: ([0-9a-f]{32}|\(tracing off\))$", out, re.M)
+    rows = re.findall(r"^│ (\w+)\s+│\s+(\d+) │ [ █]+ │\s+([\d.]+) │ (\w+)\s+│$", out, re.M)
+    assert sorted((node, int(attempt), outcome) for node, attempt, _, outcome in rows) == [
+        ("double", 1, "retried"),
+        ("double", 2, "completed"),
+        ("parse", 1, "completed"),
+        ("square", 1, "completed"),
+        ("total", 1, "completed"),
+    ]
+    assert rows[0][0] == "parse"  # in order of start
+    assert "double attempt 1: RuntimeError: flaky on the first attempt" in out
+
+    as_json = await flowctl("show", run_id, "--json", *prefix, env=subprocess_env)
+    assert as_json.code == 0, as_json.err
+    document = as_json.json()
+    assert document["run_id"] == run_id
+    assert document["status"] == "completed"
+    assert document["trace_id"] is None or re.fullmatch(r"[0-9a-f]{32}", document["trace_id"])
+    attempts = document["attempts"]
+    assert [(a["node"], a["attempt"], a["outcome"]) for a in attempts if a["node"] == "double"] == [
+        ("double", 1, "retried"),
+        ("double", 2, "completed"),
+    ]
+    assert [a["error"] for a in attempts if a["outcome"] == "retried"] == [
+        "RuntimeError: flaky on the first attempt"
+    ]
+    for attempt in attempts:
+        assert 0 <= attempt["start_ms"] <= attempt["end_ms"] <= document["duration_ms"]
+        assert attempt["duration_ms"] == pytest.approx(attempt["end_ms"] - attempt["start_ms"], abs=0.01)
+
+
+@pytest.mark.slow
+async def test_runs_lists_status_and_duration(worker: WorkerProcess, subprocess_env: dict[str, str]) -> None:
+    prefix = ("--prefix", worker.prefix)
+    ran = await flowctl(
+        "run", "cli_sum", "--input", '{"a": 1, "b": 2}', "--json", *prefix, env=subprocess_env
+    )
+    run_id = ran.json()["run_id"]
+    listed = await flowctl("runs", *prefix, env=subprocess_env)
+    assert listed.code == 0, listed.err
+    assert re.search(r"┃ run id\s+┃ workflow\s+┃ status\s+┃ created\s+┃ duration s ┃", listed.out)
+    assert re.search(rf"│ {run_id} │ cli_sum\s+│ completed │ [\d: -]+ │\s+\d+\.\d\d │", listed.out)
