@@ -19,7 +19,8 @@ from uuid import uuid4
 
 import pytest
 
-from flow_orchestrator.testing import eventually
+from flow_orchestrator import NodeContext, NonRetryableError, RunFailed, Workflow
+from flow_orchestrator.testing import LocalEnvironment, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = "flow_orchestrator.runtime._cli"
@@ -502,3 +503,54 @@ async def test_unreachable_server_is_a_clear_error_not_a_hang(subprocess_env: di
         result = await flowctl(*args, "--nats", dead, env=subprocess_env, within=30)
         assert result.code == 2, result
         assert f"cannot reach NATS at {dead}" in result.err
+
+
+async def test_dead_letter_and_retry_commands(env_factory: Any, subprocess_env: dict[str, str]) -> None:
+    prefix = new_prefix()
+    local: LocalEnvironment = await env_factory([failing_once], prefix=prefix, unknown_workflow_grace=0.2)
+    await local.client.bus.js.publish(
+        local.names.trigger("nobody"),
+        b'{"a": 1}',
+        headers={"Nats-Msg-Id": "dlq-cli-1", "Content-Type": "application/json"},
+    )
+    listed = await eventually(lambda: _dead_letters_json(prefix, subprocess_env), within=20)
+    [letter] = listed
+    assert letter["reason"] == "unknown_workflow"
+    assert letter["headers"]["Nats-Msg-Id"] == "dlq-cli-1"
+    text = await flowctl("dlq", "--prefix", prefix, env=subprocess_env)
+    assert "unknown_workflow" in text.out
+    replayed = await flowctl("dlq", "replay", str(letter["id"]), "--prefix", prefix, env=subprocess_env)
+    assert replayed.code == 0, replayed
+    assert "run dlq-cli-1" in replayed.out
+    missing = await flowctl("dlq", "replay", "99999", "--prefix", prefix, env=subprocess_env)
+    assert missing.code == 2
+    assert "no dead letter 99999" in missing.err
+
+    handle = await local.client.start("failing_once", {})
+    with pytest.raises(RunFailed):
+        await handle.result()
+    retried = await flowctl("retry", handle.run_id, "--wait", "--prefix", prefix, env=subprocess_env)
+    assert retried.code == 0, retried
+    assert "new attempts for flaky" in retried.out
+    again = await flowctl("retry", handle.run_id, "--prefix", prefix, env=subprocess_env)
+    assert again.code == 2
+    assert "only a failed run can be retried" in again.err
+
+
+async def _dead_letters_json(prefix: str, env: dict[str, str]) -> list[dict[str, Any]] | None:
+    result = await flowctl("dlq", "list", "--json", "--prefix", prefix, env=env)
+    assert result.code == 0, result
+    letters: list[dict[str, Any]] = json.loads(result.out)
+    return letters or None
+
+
+failing_once = Workflow("failing_once")
+_failures: dict[str, int] = {}
+
+
+@failing_once.node()
+async def flaky(ctx: NodeContext) -> str:
+    _failures[ctx.run_id] = _failures.get(ctx.run_id, 0) + 1
+    if _failures[ctx.run_id] == 1:
+        raise NonRetryableError("fails the first time only")
+    return "ok"

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from flow_orchestrator import NodeContext, NodeStatus, RetryPolicy, RunFailed, Workflow
+from flow_orchestrator import NodeContext, NodeStatus, RetryPolicy, RunFailed, StorageSettings, Workflow
 from flow_orchestrator.runtime._resume import RunNotRetryable
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
@@ -186,3 +186,29 @@ async def test_retry_a_failed_run_from_its_failed_nodes(env_factory: Any) -> Non
     assert snapshot.nodes["fragile"].attempts == 2
     with pytest.raises(RunNotRetryable, match="completed"):
         await handle.retry()
+
+
+async def test_finished_runs_expire_but_the_workflow_registry_stays(env_factory: Any) -> None:
+    wf = Workflow("shortlived")
+
+    @wf.node()
+    async def only(ctx: NodeContext) -> int:
+        await ctx.data.set("k", 1)
+        return 1
+
+    env: LocalEnvironment = await env_factory([wf], storage=StorageSettings.retained_for(2.0))
+    handle = await env.client.start("shortlived", {})
+    assert await handle.result() == 1
+    store, names = env.client.store, env.names
+
+    async def expired() -> bool:
+        journal = await env.client.journal(handle.run_id, "shortlived")
+        run = await store.get(names.run_key(handle.run_id))
+        data = await store.get(names.data_key(handle.run_id, "k"))
+        return not journal and run is None and data is None
+
+    await eventually(expired, within=15, message="run state expired")
+    # The worker refreshes its registry record (every TTL/4, at least every second), so it outlives
+    # the TTL, and new runs still start.
+    assert await store.get(names.workflow_key("shortlived")) is not None
+    assert await env.client.run("shortlived", {}) == 1

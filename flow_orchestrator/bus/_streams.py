@@ -6,6 +6,7 @@ Idempotent: creating what exists with the same settings is a no-op, changed sett
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import nats.js.errors as js_errors
 from nats.js import JetStreamContext
@@ -26,14 +27,26 @@ DAY = 24 * 3600.0
 
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
-    """Replica count and retention; ``replicas=3`` for a NATS cluster, 1 for one server."""
+    """Replica count and retention; ``replicas=3`` for a NATS cluster, 1 for one server.
+
+    Retention bounds everything: run journals and triggers expire after ``events_max_age`` and
+    ``triggers_max_age``, run records, join records and run data ``state_ttl`` after their last
+    write, dead letters after ``dlq_max_age``. Keep them above your longest run. Workers refresh
+    their workflows' registry records, so a deployment never forgets a workflow it still serves.
+    """
 
     replicas: int = 1
     memory: bool = False
     events_max_age: float = 7 * DAY
     triggers_max_age: float = 7 * DAY
+    state_ttl: float = 7 * DAY
     dlq_max_age: float = 30 * DAY
     duplicate_window: float = 120.0
+
+    @classmethod
+    def retained_for(cls, seconds: float, **options: Any) -> StorageSettings:
+        """One retention for runs (journal, triggers, state); dead letters keep their longer default."""
+        return cls(events_max_age=seconds, triggers_max_age=seconds, state_ttl=seconds, **options)
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: bool) -> None:
@@ -62,7 +75,7 @@ async def provision(
             name=names.triggers_stream,
             subjects=[f"{names.prefix}.trigger.>"],
             max_age=settings.triggers_max_age,
-            duplicate_window=settings.duplicate_window,
+            duplicate_window=min(settings.duplicate_window, settings.triggers_max_age),
             allow_direct=True,
             **common,  # type: ignore[arg-type]
         ),
@@ -74,7 +87,7 @@ async def provision(
             name=names.events_stream,
             subjects=[f"{names.prefix}.evt.>", f"{names.prefix}.sched.>"],
             max_age=settings.events_max_age,
-            duplicate_window=settings.duplicate_window,
+            duplicate_window=min(settings.duplicate_window, settings.events_max_age),
             allow_direct=True,
             allow_msg_schedules=True,
             allow_msg_ttl=True,
@@ -101,9 +114,25 @@ async def provision(
             KeyValueConfig(
                 bucket=names.state_bucket,
                 history=1,
+                ttl=settings.state_ttl,
                 replicas=settings.replicas,
                 storage=storage,
                 direct=True,
             )
         )
+    else:
+        if update:
+            await _update_bucket_retention(js, f"KV_{names.state_bucket}", settings)
     return StateStore(kv)
+
+
+async def _update_bucket_retention(js: JetStreamContext, stream: str, settings: StorageSettings) -> None:
+    """Apply a changed state retention (or replica count) to an existing bucket's stream."""
+    info = await js.stream_info(stream)
+    config = info.config
+    if config.max_age == settings.state_ttl and config.num_replicas == settings.replicas:
+        return
+    config.max_age = settings.state_ttl
+    config.num_replicas = settings.replicas
+    config.duplicate_window = min(config.duplicate_window or settings.state_ttl, settings.state_ttl)
+    await js.update_stream(config)

@@ -19,6 +19,7 @@ import nats.errors
 from flow_orchestrator._errors import FlowError
 from flow_orchestrator.bus._connection import DEFAULT_URL
 from flow_orchestrator.runtime import _commands as cmd
+from flow_orchestrator.runtime import _recovery_commands as recovery
 from flow_orchestrator.runtime._status import RunStatus
 from flow_orchestrator.runtime._telemetry import RunFieldsFormatter, TraceContextFilter
 
@@ -62,6 +63,29 @@ def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
+def _add_hosting_commands(command: Callable[..., Parser]) -> None:
+    """``server`` and ``worker``: the long-running processes."""
+    p = command("server", cmd.server, "run an embedded nats-server with JetStream until Ctrl-C")
+    p.add_argument("--port", type=int, default=4222)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--store-dir", default=".flow-data")
+
+    p = command("worker", cmd.worker, "host workflows until SIGINT/SIGTERM, then drain")
+    p.add_argument("target", metavar="MODULE:ATTR", help="a Workflow or a list of Workflows")
+    p.add_argument("--concurrency", type=int, default=256, help="messages one actor handles at once")
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=1024,
+        help="node attempts this worker runs at once (back-pressure)",
+    )
+    p.add_argument(
+        "--ack-wait", type=float, default=30.0, help="seconds before a silent worker's work moves on"
+    )
+    p.add_argument("--max-deliver", type=int, default=20, help="deliveries before a message is dead-lettered")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowctl", description="Workflows on NATS JetStream.")
     _common_options(parser, suppress=False)
@@ -74,22 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = command("server", cmd.server, "run an embedded nats-server with JetStream until Ctrl-C")
-    p.add_argument("--port", type=int, default=4222)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--store-dir", default=".flow-data")
-
-    p = command("worker", cmd.worker, "host workflows until SIGINT/SIGTERM, then drain")
-    p.add_argument("target", metavar="MODULE:ATTR", help="a Workflow or a list of Workflows")
-    p.add_argument("--concurrency", type=int, default=256, help="messages one actor handles at once")
-    p.add_argument(
-        "--max-in-flight", type=int, default=1024, help="messages this worker holds at once (back-pressure)"
-    )
-    p.add_argument(
-        "--ack-wait", type=float, default=30.0, help="seconds before a silent worker's work moves on"
-    )
-    p.add_argument("--max-deliver", type=int, default=20, help="deliveries before a message is dead-lettered")
-    p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port")
+    _add_hosting_commands(command)
 
     p = command("run", cmd.run, "start a run, wait for it and print its result")
     p.add_argument("workflow")
@@ -124,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("cancel", cmd.cancel, "cancel a running run")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--reason", help="recorded as the run's error message")
+
+    recovery.add_commands(command, common)
 
     p = command("graph", cmd.graph, "print a workflow's DAG (no server needed)")
     p.add_argument("target", metavar="MODULE:ATTR")

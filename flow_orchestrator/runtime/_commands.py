@@ -94,7 +94,7 @@ def _replicas(args: argparse.Namespace) -> int:
         raise UsageError(f"FLOW_REPLICAS must be a number of replicas, got {raw!r}") from None
 
 
-async def _connect(args: argparse.Namespace) -> Client:
+async def connect_client(args: argparse.Namespace) -> Client:
     url = _nats_url(args)
     storage = StorageSettings(replicas=_replicas(args))
     try:
@@ -156,7 +156,7 @@ async def worker(args: argparse.Namespace) -> int:
 async def run(args: argparse.Namespace) -> int:
     payload = _parse_input(args.input)
     console = make_console()
-    async with await _connect(args) as client:
+    async with await connect_client(args) as client:
         handle = await client.start(args.workflow, payload, run_id=args.run_id)
         try:
             # A rejected trigger (invalid payload...) raises its typed error from either wait.
@@ -194,14 +194,14 @@ async def _show_unfinished(client: Client, run_id: str, *, as_json: bool, consol
 
 async def trigger(args: argparse.Namespace) -> int:
     payload = _parse_input(args.input)
-    async with await _connect(args) as client:
+    async with await connect_client(args) as client:
         handle = await client.start(args.workflow, payload, run_id=args.run_id)
     print(handle.run_id)
     return 0
 
 
 async def status(args: argparse.Namespace) -> int:
-    async with await _connect(args) as client:
+    async with await connect_client(args) as client:
         snapshot = await client.snapshot(args.run_id)
     if args.json:
         _print_json(snapshot.to_json())
@@ -216,7 +216,7 @@ async def status(args: argparse.Namespace) -> int:
 async def watch(args: argparse.Namespace) -> int:
     """Follow a run live until it ends; exit 0 if it completed, 1 otherwise (or on --timeout)."""
     console = make_console()
-    async with await _connect(args) as client:
+    async with await connect_client(args) as client:
         handle = await client.handle_for(args.run_id)
         try:
             async with asyncio.timeout(args.timeout):
@@ -229,7 +229,7 @@ async def watch(args: argparse.Namespace) -> int:
 
 async def show(args: argparse.Namespace) -> int:
     """A run's timeline: one row per node attempt on the run's time axis, its status and trace id."""
-    async with await _connect(args) as client:
+    async with await connect_client(args) as client:
         handle = await client.handle_for(args.run_id)
         # Read after the record, so a run that just ended shows every attempt the record counts.
         record = await client._run_record(handle.run_id) or {}
@@ -244,7 +244,7 @@ async def show(args: argparse.Namespace) -> int:
 
 
 async def runs(args: argparse.Namespace) -> int:
-    async with await _connect(args) as client:
+    async with await connect_client(args) as client:
         found = await client.list_runs(workflow=args.workflow, status=args.status, limit=args.limit)
     if args.json:
         keys = ("run_id", "workflow", "status", "created_at", "finished_at", "error")
@@ -255,7 +255,7 @@ async def runs(args: argparse.Namespace) -> int:
 
 
 async def cancel(args: argparse.Namespace) -> int:
-    async with await _connect(args) as client:
+    async with await connect_client(args) as client:
         snapshot = await client.snapshot(args.run_id)
         if snapshot.status is not RunStatus.RUNNING:
             print(

@@ -113,7 +113,7 @@ async def run_demo(nats_url: str | None, *, prefix: str = DEMO_PREFIX, console: 
                 server = EmbeddedServer()
                 nats_url = await asyncio.to_thread(server.start)
                 console.print(f"started an embedded nats-server at {nats_url} (pid {server.pid})")
-            async with await _connect(nats_url, prefix) as client:
+            async with await connect_client(nats_url, prefix) as client:
                 worker = await _start_worker(nats_url, prefix, worker_log)
                 console.print(f"started a worker process (pid {worker.pid}) hosting workflow {order.name!r}")
                 console.print(Text(render_graph_text(order.definition)))
@@ -183,7 +183,7 @@ class DemoError(RuntimeError):
     """The demo could not run: no server, its worker died or never became ready, or the run hung."""
 
 
-async def _connect(nats_url: str, prefix: str) -> Client:
+async def connect_client(nats_url: str, prefix: str) -> Client:
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             return await Client.connect(nats_url, prefix=prefix)

@@ -96,6 +96,7 @@ class Worker:
         self._actors: list[Actor] = []
         self._stopped = asyncio.Event()
         self.system: ActorSystem | None = None
+        self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Connect, provision streams and state, register the workflows, start every actor."""
@@ -137,6 +138,7 @@ class Worker:
         # Node actors first and triggers last, so no run starts before its nodes listen.
         for actor in self._actors:
             await actor.start()
+        self._refresher = asyncio.create_task(self._refresh_registry(system), name="registry-refresh")
         log.info(
             "worker %s hosting %s on %s",
             self.worker_id,
@@ -165,11 +167,32 @@ class Worker:
         found = await system.store.get(key)
         return float(found.value["registered_at"]) if found else now
 
+    async def _refresh_registry(self, system: ActorSystem) -> None:
+        """Rewrite the registry records now and then, so the state TTL never expires a workflow this
+        worker still serves (runs' own records expire; the registry must not)."""
+        interval = max(1.0, self.storage.state_ttl / 4)
+        while True:
+            await asyncio.sleep(interval)
+            for definition in self.definitions:
+                now = time.time()
+
+                def touch(current: dict[str, Any] | None, now: float = now) -> dict[str, Any] | None:
+                    return {**current, "seen_at": now} if current is not None else None
+
+                try:
+                    written, _ = await system.store.mutate(Names.workflow_key(definition.name), touch)
+                    if written is None:  # expired while no worker ran: register it again
+                        await self._register(system, definition)
+                except Exception as exc:  # a disconnection: next round
+                    log.warning("could not refresh the registry record of %s: %s", definition.name, exc)
+
     async def stop(self) -> None:
         """Drain: stop deliveries, let in-flight work finish (``shutdown_grace``), close the connection."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._refresher is not None:
+            self._refresher.cancel()
         await asyncio.gather(
             *(actor.stop(self.shutdown_grace) for actor in reversed(self._actors)), return_exceptions=True
         )
