@@ -176,7 +176,7 @@ class Actor:
             await self._reject(msg, exc)
             return
         delay = min(0.05 * 2**delivered, 10.0)
-        level = logging.DEBUG if isinstance(exc, TRANSIENT | FlowError) else logging.ERROR
+        level = logging.DEBUG if isinstance(exc, (*TRANSIENT, FlowError)) else logging.ERROR
         log.log(
             level,
             "%s: %s failed (%s: %s); redelivery in %.2fs",

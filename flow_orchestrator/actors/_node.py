@@ -18,10 +18,10 @@ failed already (acknowledge), or nothing (the attempt was lost: run it again as 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 
 from flow_orchestrator._errors import DataKeyNotFound, StateConflict
 from flow_orchestrator.actors import _records as rec
-from flow_orchestrator.actors._actor import Actor, ConsumerSpec
+from flow_orchestrator.actors._actor import TRANSIENT, Actor, ConsumerSpec, log
 from flow_orchestrator.actors._faults import crash_point
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode
@@ -41,6 +41,8 @@ from flow_orchestrator.runtime._context import NodeContext
 from flow_orchestrator.runtime._data import WorkflowData
 from flow_orchestrator.runtime._retry import NO_RETRY
 from flow_orchestrator.runtime._workflow import NodeSpec, WorkflowDefinition
+
+PUBLISH_TRIES = 40  # about a minute of backoff: longer than a leader election
 
 
 @dataclass(slots=True)
@@ -251,13 +253,9 @@ class NodeActor(Actor):
             "finished_at": time.time(),
             "worker": self.system.worker_id,
         }
-        # A conflict means a racing duplicate completed the node first: the first completion stands.
-        with contextlib.suppress(StateConflict):
-            await self.system.emit(
-                self._subject(attempt.run_id, "completed"),
-                body,
-                headers={**attempt.trace, **EXPECT_NEW_SUBJECT},
-            )
+        subject = self._subject(attempt.run_id, "completed")
+        headers = {**attempt.trace, **EXPECT_NEW_SUBJECT}
+        await self._publish_outcome(lambda: self.system.emit(subject, body, headers=headers))
         crash_point("node.after_publish", self.node.name)
         await msg.ack()
 
@@ -280,13 +278,30 @@ class NodeActor(Actor):
         await self._finish(msg, attempt, "attempt_failed", body)
 
     async def _finish(self, msg: Msg, attempt: Attempt, kind: str, body: dict[str, Any]) -> None:
-        await self.system.emit(
-            self._subject(attempt.run_id, kind),
-            body,
-            msg_id=f"{attempt.run_id}.{self.node.name}.{attempt.attempt}.{kind}",
-            headers=attempt.trace,
+        subject = self._subject(attempt.run_id, kind)
+        msg_id = f"{attempt.run_id}.{self.node.name}.{attempt.attempt}.{kind}"
+        await self._publish_outcome(
+            lambda: self.system.emit(subject, body, msg_id=msg_id, headers=attempt.trace)
         )
         await msg.ack()
+
+    async def _publish_outcome(self, publish: Callable[[], Awaitable[None]]) -> None:
+        """Publish an attempt's outcome, retrying in place through a leader election or a reconnect:
+        giving up would throw the finished work away and run the action again. A completion that
+        conflicts landed on an earlier try (or a racing duplicate won): the first one stands. The
+        message stays held meanwhile (heartbeats keep it), so no other worker takes the node."""
+        delay = 0.05
+        for _ in range(PUBLISH_TRIES):
+            try:
+                await publish()
+                return
+            except StateConflict:
+                return
+            except TRANSIENT as exc:
+                log.warning("%s: publishing an outcome failed (%s); retrying in %.2fs", self.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        await publish()  # a last try whose error reaches the actor's error policy
 
     async def _output_of(self, run_id: str, node: str) -> Any:
         if node not in self.definition.nodes:

@@ -26,10 +26,17 @@ def is_subject_conflict(exc: BaseException) -> bool:
     return isinstance(exc, js_errors.APIError) and exc.err_code in _CONFLICT_CODES
 
 
-async def last_event(js: JetStreamContext, stream: str, subject: str) -> dict[str, Any] | None:
-    """The decoded payload of the last message on ``subject``, or ``None`` (direct get)."""
+async def last_event(
+    js: JetStreamContext, stream: str, subject: str, *, leader: bool = True
+) -> dict[str, Any] | None:
+    """The decoded payload of the last message on ``subject``, or ``None``.
+
+    Reads that decide something (is this node done? what did its upstream return?) go to the
+    stream's leader: on a cluster a direct get may be answered by a replica that lags behind.
+    ``leader=False`` allows the faster direct get for reads that only inform.
+    """
     try:
-        msg = await js.get_last_msg(stream, subject, direct=True)
+        msg = await js.get_last_msg(stream, subject, direct=not leader)
     except js_errors.NotFoundError:
         return None
     payload = decode(msg.data) if msg.data else {}

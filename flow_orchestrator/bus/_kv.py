@@ -55,13 +55,25 @@ class StateStore:
         return Versioned(decode(entry.value), entry.revision)
 
     async def create(self, key: str, value: Any) -> int:
-        """Write ``value`` only if ``key`` has none; raise :class:`StateConflict` otherwise."""
+        """Write ``value`` only if ``key`` has none (or only a delete marker); raise
+        :class:`StateConflict` otherwise.
+
+        nats-py's ``create`` probes for a delete marker on conflict and, on a cluster, a lagging
+        replica can answer that probe "not found": that must read as the conflict it is.
+        """
+        data = encode(value)
         try:
-            return await self._kv.create(key, encode(value), validate_keys=False)
+            return await self._kv.update(key, data, last=0, validate_keys=False)
         except js_errors.APIError as exc:
-            if _is_conflict(exc):
-                raise StateConflict(f"state key {key!r} already exists") from exc
-            raise
+            if not _is_conflict(exc):
+                raise
+        try:
+            await self._kv.get(key, validate_keys=False)
+        except js_errors.KeyNotFoundError as missing:
+            marker = getattr(missing, "entry", None)
+            if marker is not None and marker.revision:  # deleted: recreate over the marker
+                return await self.update(key, value, marker.revision)
+        raise StateConflict(f"state key {key!r} already exists")
 
     async def update(self, key: str, value: Any, revision: int) -> int:
         """Write ``value`` only if ``key`` is still at ``revision``, else raise :class:`StateConflict`."""

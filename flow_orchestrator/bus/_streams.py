@@ -117,22 +117,29 @@ async def provision(
                 ttl=settings.state_ttl,
                 replicas=settings.replicas,
                 storage=storage,
-                direct=True,
+                # Direct gets may be answered by a lagging replica: on a cluster, read from the leader
+                # so data an upstream wrote is always visible downstream.
+                direct=settings.replicas == 1,
             )
         )
     else:
-        if update:
-            await _update_bucket_retention(js, f"KV_{names.state_bucket}", settings)
+        if update and await _update_bucket_retention(js, f"KV_{names.state_bucket}", settings):
+            kv = await js.key_value(names.state_bucket)  # it reads direct-get support at binding
     return StateStore(kv)
 
 
-async def _update_bucket_retention(js: JetStreamContext, stream: str, settings: StorageSettings) -> None:
-    """Apply a changed state retention (or replica count) to an existing bucket's stream."""
+async def _update_bucket_retention(js: JetStreamContext, stream: str, settings: StorageSettings) -> bool:
+    """Apply a changed state retention (or replica count) to an existing bucket's stream; return
+    whether anything changed."""
     info = await js.stream_info(stream)
     config = info.config
-    if config.max_age == settings.state_ttl and config.num_replicas == settings.replicas:
-        return
+    direct = settings.replicas == 1
+    wanted = (settings.state_ttl, settings.replicas, direct)
+    if (config.max_age, config.num_replicas, config.allow_direct) == wanted:
+        return False
     config.max_age = settings.state_ttl
     config.num_replicas = settings.replicas
+    config.allow_direct = direct
     config.duplicate_window = min(config.duplicate_window or settings.state_ttl, settings.state_ttl)
     await js.update_stream(config)
+    return True

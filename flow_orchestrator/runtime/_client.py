@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import nats.errors
+import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
@@ -35,6 +37,7 @@ from flow_orchestrator.runtime._resume import resume_failed_run
 from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus, derive_node_statuses
 from flow_orchestrator.runtime._workflow import Workflow, shape_from_description
 
+READ_TRIES = 30  # about half a minute of backoff, longer than a leader election
 _TERMINAL_RUN = {RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.CANCELLED.value}
 
 
@@ -105,15 +108,19 @@ class RunHandle:
         payload, unknown workflow...), raise that typed error instead of waiting forever.
         To bound the wait, wrap the call: ``async with asyncio.timeout(30): await handle.wait()``."""
         names = self.client.names
-        done: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        # Resolved with ("end", status, body) for the run's terminal event, ("rejected", None, body).
+        done: asyncio.Future[tuple[str, str | None, dict[str, Any]]] = (
+            asyncio.get_running_loop().create_future()
+        )
 
         async def on_run_event(msg: Msg) -> None:
-            if parse_event_subject(msg.subject)[3] in _TERMINAL_RUN and not done.done():
-                done.set_result(None)
+            kind = parse_event_subject(msg.subject)[3]
+            if kind in _TERMINAL_RUN and not done.done():
+                done.set_result(("end", kind, decode(msg.data) if msg.data else {}))
 
         async def on_rejected(msg: Msg) -> None:
             if not done.done():
-                done.set_result(decode(msg.data))
+                done.set_result(("rejected", None, decode(msg.data)))
 
         nc = self.client.bus.nc
         subs = [
@@ -127,15 +134,19 @@ class RunHandle:
             if record is None:
                 rejected = await self.client._rejection(self.workflow, self.run_id)
                 if rejected is not None and not done.done():
-                    done.set_result(rejected)
+                    done.set_result(("rejected", None, rejected))
             if record is None or record.get("status") not in _TERMINAL_RUN:
-                rejected = await done
-                if rejected is not None:
+                what, status, body = await done
+                if what == "rejected":
                     raise message_error_for(
-                        str(rejected.get("reason")),
-                        f"run {self.run_id!r} of {self.workflow!r} was rejected: {rejected.get('error')}",
+                        str(body.get("reason")),
+                        f"run {self.run_id!r} of {self.workflow!r} was rejected: {body.get('error')}",
                     )
                 record = await self.client._run_record(self.run_id)
+                if record is None or record.get("status") not in _TERMINAL_RUN:
+                    # The read lagged behind the event (a replica, after a failover): the event
+                    # carries what ended the run, so trust it.
+                    record = {**(record or {"workflow": self.workflow}), "status": status, **body}
         finally:
             for sub in subs:
                 with contextlib.suppress(Exception):
@@ -277,10 +288,25 @@ class Client:
     async def _rejection(self, workflow: str, run_id: str) -> dict[str, Any] | None:
         """The ``rejected`` event of a run's trigger, if a worker dead-lettered it."""
         subject = self.names.event(workflow, run_id, TRIGGER_TOKEN, "rejected")
-        return await last_event(self.bus.js, self.names.events_stream, subject)
+        return await last_event(self.bus.js, self.names.events_stream, subject, leader=False)
 
     async def _run_record(self, run_id: str) -> dict[str, Any] | None:
-        found = await self.store.get(Names.run_key(check_run_id(run_id)))
+        key = Names.run_key(check_run_id(run_id))
+        # Right after a server or leader loss a read can fail for a moment: retry before giving up.
+        delay = 0.05
+        for _ in range(READ_TRIES):
+            try:
+                found = await self.store.get(key)
+            except (
+                nats.errors.NoRespondersError,
+                nats.errors.TimeoutError,
+                js_errors.ServiceUnavailableError,
+            ):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            return found.value if found else None
+        found = await self.store.get(key)
         return found.value if found else None
 
     async def snapshot(self, run_id: str) -> RunSnapshot:
