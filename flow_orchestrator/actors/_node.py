@@ -31,6 +31,7 @@ from flow_orchestrator._errors import DataKeyNotFound, StateConflict
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import TRANSIENT, Actor, ConsumerSpec, log
 from flow_orchestrator.actors._faults import crash_point
+from flow_orchestrator.actors._join import JoinBook
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode
 from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event
@@ -87,6 +88,7 @@ class NodeActor(Actor):
         self.node = spec
         system.consumer_nodes[self.spec.durable] = (definition.name, spec.name)
         self._needed = frozenset(spec.upstreams)
+        self._joins = JoinBook(system.store, self._needed)
         self._action = self._wrap(spec)
 
     def _wrap(self, spec: NodeSpec) -> Any:
@@ -132,24 +134,12 @@ class NodeActor(Actor):
         await self._run_attempt(msg, attempt)
 
     async def _join(self, run_id: str, source: str, payload: dict[str, Any], seq: int) -> Attempt | None:
-        """Several upstreams: record the arrival in KV; the message that completes the set wins."""
-        key = Names.join_key(run_id, self.node.name)
-
-        def arrive(current: dict[str, Any] | None) -> dict[str, Any] | None:
-            current = current or {"arrived": []}
-            if source in current["arrived"]:
-                return None
-            arrived = [*current["arrived"], source]
-            return {"arrived": arrived, "holder": seq if self._needed.issubset(arrived) else None}
-
-        written, _ = await self.system.store.mutate(key, arrive)
-        if written is None:
-            # A repeated arrival. Only the winner's own redelivery may go on (to recover its attempt).
-            current = await self.system.store.get(key)
-            if current is None or current.value.get("holder") != seq:
-                return None
-        elif written["holder"] != seq:
-            return None
+        """Several upstreams: record the arrival (coalesced with others waiting in this worker); the
+        message that completes the set wins. A redelivered winner finds itself the holder and goes on
+        to recover its attempt."""
+        record = await self._joins.arrive(Names.join_key(run_id, self.node.name), source, seq)
+        if record is None or record.get("holder") != seq:
+            return None  # waiting for other upstreams, or another message won the join
         crash_point("node.after_join", self.node.name)
         outputs = await self._gather_outputs(run_id, {source: payload.get("output")})
         return Attempt(run_id, 1, payload.get("input"), outputs)

@@ -6,6 +6,8 @@ some clustered paths) into our own :class:`StateConflict`, so callers never see 
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -102,7 +104,7 @@ class StateStore:
         ``change`` receives the current value (``None`` if absent) and returns the new value, or
         ``None`` to leave the key alone. Returns the value written (or ``None``) and its revision.
         """
-        for _ in range(attempts):
+        for attempt in range(attempts):
             current = await self.get(key)
             result = change(current.value if current else None)
             new = await result if isinstance(result, Awaitable) else result
@@ -111,6 +113,8 @@ class StateStore:
             try:
                 revision = await self.write(key, new, current.revision if current else None)
             except StateConflict:
+                # Back off a little, at random, so racing writers stop colliding in lockstep.
+                await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))
                 continue
             return new, revision
         raise StateConflict(f"state key {key!r} kept changing; gave up after {attempts} attempts")

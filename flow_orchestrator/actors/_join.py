@@ -1,0 +1,67 @@
+"""Join bookkeeping for nodes with several upstreams, coalesced inside each worker.
+
+Every arrival must be recorded durably (a KV compare-and-set on ``join.<run>.<node>``) and exactly
+one message must win the join. Done one arrival at a time, a fan-in of 100 upstreams has 100 tasks
+racing on one key: each round one write wins and the rest re-read and retry, thousands of round
+trips. Here the arrivals waiting in this worker are written together by whichever of them holds the
+key's lock, so the only races left are between workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Set
+from typing import Any
+
+from flow_orchestrator.bus._kv import StateStore
+
+
+class JoinBook:
+    """Arrivals at one node's joins. :meth:`arrive` returns the join record once this arrival is
+    durable; the message whose sequence is the record's ``holder`` runs the node."""
+
+    def __init__(self, store: StateStore, needed: Set[str]) -> None:
+        self._store = store
+        self._needed = frozenset(needed)
+        self._waiting: dict[str, dict[str, int]] = {}  # key -> {upstream: message seq} not yet written
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._latest: dict[str, dict[str, Any] | None] = {}
+        self._users: dict[str, int] = {}
+
+    async def arrive(self, key: str, source: str, seq: int) -> dict[str, Any] | None:
+        self._waiting.setdefault(key, {}).setdefault(source, seq)
+        self._users[key] = self._users.get(key, 0) + 1
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                batch = self._waiting.pop(key, None)
+                if batch:
+                    self._latest[key] = await self._write(key, batch, holder=seq)
+                # else an earlier holder of the lock wrote this arrival with its own batch.
+                return self._latest.get(key)
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                for book in (self._users, self._locks, self._latest):
+                    book.pop(key, None)
+
+    async def _write(self, key: str, batch: dict[str, int], holder: int) -> dict[str, Any] | None:
+        """Add the batch's arrivals; if they complete the set, ``holder`` (the writer's own message,
+        still unacknowledged) wins the join."""
+
+        def add(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            current = current or {"arrived": [], "holder": None}
+            new = [source for source in batch if source not in current["arrived"]]
+            if not new:
+                return None
+            arrived = [*current["arrived"], *new]
+            winner = current.get("holder")
+            if winner is None and self._needed.issubset(arrived):
+                winner = holder
+            return {"arrived": arrived, "holder": winner}
+
+        written, _ = await self._store.mutate(key, add)
+        if written is not None:
+            return written
+        current = await self._store.get(key)  # nothing new: a redelivery; report what is recorded
+        return current.value if current is not None else None
