@@ -30,8 +30,12 @@ unit: install
 
 test: lint typecheck unit
 
+# The suite (W1-W4 on one server and on a 3-node cluster, beside the floors) and the memory figure;
+# see docs/performance.md. The chart needs matplotlib (the `bench` extra).
 bench: install
-	$(BIN)/python -m bench.chain
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.suite
+	$(BIN)/python -m bench.memory
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

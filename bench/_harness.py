@@ -1,5 +1,5 @@
-"""Benchmark plumbing: an embedded server, worker subprocesses stopped by PID, the raw-hop floor,
-statistics and the JSON line format of BENCH-SPEC."""
+"""Benchmark plumbing: the NATS set-ups (one server or a 3-node cluster), worker subprocesses stopped by
+PID, the raw-hop floor, statistics and the JSON line format of BENCH-SPEC."""
 
 from __future__ import annotations
 
@@ -7,21 +7,25 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from flow_orchestrator.bus import EmbeddedServer
+from flow_orchestrator.bus import EmbeddedCluster, EmbeddedServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -44,6 +48,49 @@ def run(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """Where a benchmark runs: the URL(s) to connect to and the replica count its streams use."""
+
+    name: str
+    url: str
+    replicas: int
+    description: str
+
+
+async def settle(url: str, prefix: str, replicas: int, within: float = 30.0) -> None:
+    """Provision the deployment's streams and bucket from a client and wait until each has a leader,
+    its replicas are current and KV reads answer. On a fresh 3-node cluster a worker that starts
+    before this can fail its first KV read (no responders yet); benchmarks measure runs, not that."""
+    from flow_orchestrator import Client, StorageSettings
+
+    client = await Client.connect(url, prefix=prefix, storage=StorageSettings(replicas=replicas))
+    names = client.names
+    streams = (names.triggers_stream, names.events_stream, names.dlq_stream, f"KV_{names.state_bucket}")
+    deadline = time.monotonic() + within
+    try:
+        while True:
+            try:
+                for stream in streams:
+                    info = await client.bus.js.stream_info(stream)
+                    peers = info.cluster.replicas or [] if info.cluster else []
+                    if replicas > 1 and (
+                        info.cluster is None
+                        or not info.cluster.leader
+                        or len(peers) != replicas - 1
+                        or not all(p.current and not p.offline for p in peers)
+                    ):
+                        raise RuntimeError(f"{stream} not replicated yet")
+                await client.store.get("settle.probe")
+                return
+            except (RuntimeError, nats.errors.Error) as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"deployment not ready within {within} s: {exc}") from exc
+                await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+
+
 @contextmanager
 def embedded_server() -> Iterator[EmbeddedServer]:
     server = EmbeddedServer()
@@ -55,47 +102,108 @@ def embedded_server() -> Iterator[EmbeddedServer]:
 
 
 @contextmanager
+def deployment(cluster: bool) -> Iterator[Deployment]:
+    """One local server (replicas 1) or a 3-node loopback cluster (replicas 3), file storage both."""
+    if not cluster:
+        with embedded_server() as server:
+            yield Deployment("single", server.url, 1, "1 server, replicas=1, file storage")
+        return
+    with EmbeddedCluster(3) as nodes:
+        yield Deployment("cluster", nodes.url, 3, "3-node cluster (loopback), replicas=3, file storage")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerProcess:
+    """A worker subprocess and the file its output goes to (read it when something went wrong)."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_errors(self) -> int:
+        """How many tracebacks the worker printed (the library logs nothing itself: these are
+        unhandled errors reported by the event loop)."""
+        return self.log.read_text(errors="replace").count("Traceback (most recent call last)")
+
+
+@contextmanager
 def worker_processes(
-    url: str, target: str, prefix: str, count: int
-) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``count`` worker subprocesses hosting ``target``; stopped with SIGTERM by PID afterwards."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "bench._worker", url, target, prefix],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for _ in range(count)
-    ]
+    url: str,
+    target: str,
+    prefix: str,
+    count: int,
+    *,
+    replicas: int = 1,
+    concurrency: int | None = None,
+    max_in_flight: int | None = None,
+    kill: bool = False,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 60.0,
+) -> Iterator[list[WorkerProcess]]:
+    """``count`` worker subprocesses hosting ``target``; stopped by PID afterwards, with SIGTERM (a
+    drain) or, when ``kill``, SIGKILL (for benchmarks that leave work in flight on purpose).
+
+    Their output goes to files, never to a pipe nobody reads: a worker that prints a lot must not
+    block on a full pipe in the middle of a measurement. The files are removed afterwards unless a
+    worker printed a traceback."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    child_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
+    args = [sys.executable, "-m", "bench._worker", url, target, prefix, "--replicas", str(replicas)]
+    if concurrency is not None:
+        args += ["--concurrency", str(concurrency)]
+    if max_in_flight is not None:
+        args += ["--max-in-flight", str(max_in_flight)]
+    logs = Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    workers = []
+    for i in range(count):
+        log = logs / f"worker{i}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(args, env=child_env, stdout=out, stderr=subprocess.STDOUT)
+        workers.append(WorkerProcess(proc, log))
     try:
-        for proc in procs:
-            assert proc.stdout is not None
-            line = proc.stdout.readline().decode()
-            if "ready" not in line:
-                raise RuntimeError(f"worker failed to start: {line}{proc.stdout.read().decode()}")
-        yield procs
+        for worker in workers:
+            _wait_ready(worker, ready_timeout)
+        yield workers
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in procs:
+        for worker in workers:
+            if worker.proc.poll() is None:
+                os.kill(worker.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        for worker in workers:
             try:
-                proc.wait(30)
+                worker.proc.wait(40)
             except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.proc.wait()
+        if not any(worker.log_errors() for worker in workers):
+            shutil.rmtree(logs, ignore_errors=True)  # kept when a worker reported errors
 
 
-async def raw_hop_ms(url: str, hops: int = 20, rounds: int = 40) -> float:
+def _wait_ready(worker: WorkerProcess, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = worker.log.read_text(errors="replace")
+        if "ready" in text.splitlines():
+            return
+        if worker.proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"worker {worker.pid} failed to start:\n{worker.log.read_text(errors='replace')}")
+
+
+async def raw_hop_ms(url: str, hops: int = 20, rounds: int = 40, replicas: int = 1) -> float:
     """The floor: the median cost of one JetStream hop (publish with ack, push delivery to another
     connection, ack, publish the next), the least any durable step on this bus can cost."""
-    pub = await nats.connect(url)
-    sub_conn = await nats.connect(url)
+    servers = url.split(",")
+    pub = await nats.connect(servers)
+    sub_conn = await nats.connect(servers)
     js, sjs = pub.jetstream(), sub_conn.jetstream()
     stream = f"HOP{uuid.uuid4().hex[:6].upper()}"
-    await js.add_stream(StreamConfig(name=stream, subjects=[f"{stream}.>"], storage=StorageType.FILE))
+    await js.add_stream(
+        StreamConfig(name=stream, subjects=[f"{stream}.>"], storage=StorageType.FILE, num_replicas=replicas)
+    )
     done: asyncio.Queue[float] = asyncio.Queue()
 
     async def relay(msg: Any) -> None:
@@ -135,9 +243,32 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-def result_line(workload: str, samples_ms: list[float], notes: str, **extra: Any) -> dict[str, Any]:
+def engine_revision() -> str:
+    """The commit the benchmarked engine came from, flagged when its files have uncommitted changes
+    (the tree moves while benchmarks run: say which code a figure belongs to)."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "flow_orchestrator"], cwd=ROOT, check=False
+        ).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "engine revision unknown"
+    return f"engine {sha}{'+uncommitted' if dirty else ''}"
+
+
+def result_line(
+    workload: str,
+    samples_ms: list[float],
+    notes: str,
+    *,
+    system: str = "flow-orchestrator",
+    engine: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     line: dict[str, Any] = {
-        "system": "flow-orchestrator",
+        "system": system,
         "workload": workload,
         "median_ms": round(statistics.median(samples_ms), 3),
         "p90_ms": round(percentile(samples_ms, 0.9), 3),
@@ -145,12 +276,13 @@ def result_line(workload: str, samples_ms: list[float], notes: str, **extra: Any
         "runs": len(samples_ms),
     }
     line.update(extra)
-    line["notes"] = f"{notes}; python {platform.python_version()}; load1={load1():.2f}"
+    line["notes"] = f"{notes}; {engine_revision()}; python {platform.python_version()}; load1={load1():.2f}"
     return line
 
 
-def write_results(name: str, lines: list[dict[str, Any]]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(lines, indent=2) + "\n")
+def write_results(name: str, lines: list[dict[str, Any]], directory: Path = RESULTS) -> Path:
+    """One JSON object per line (BENCH-SPEC), in ``<directory>/<name>-<timestamp>.jsonl``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path

@@ -101,3 +101,22 @@ fan100 = _fan(100)
 diamond4 = _diamond()
 io50 = _io(50)
 all_workflows = [chain20, fan100, diamond4, io50]
+
+
+def _hold(seconds: float) -> Workflow:
+    """For the memory figure: ``first`` returns at once, ``slow`` holds its run for ``seconds``."""
+    wf = Workflow("hold")
+
+    @wf.node()
+    async def first(ctx: NodeContext) -> dict[str, Any]:
+        return {"i": ctx.input["i"]}
+
+    @wf.node(depends_on=[first])
+    async def slow(ctx: NodeContext) -> dict[str, Any]:
+        await asyncio.sleep(seconds)
+        return ctx.outputs["first"]
+
+    return wf
+
+
+hold = _hold(120.0)
