@@ -4,6 +4,7 @@ real worker subprocess hosting ``tests/cli_workflows.py`` under a prefix of its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -108,21 +109,21 @@ async def stop_worker(worker: WorkerProcess) -> int:
         raise AssertionError(f"worker did not drain within 30s:\n{worker.text()}") from None
 
 
-@pytest.fixture
-async def worker(subprocess_env: dict[str, str], tmp_path: Path) -> AsyncIterator[WorkerProcess]:
+@contextlib.asynccontextmanager
+async def flowctl_worker(target: str, env: dict[str, str], log: Path) -> AsyncIterator[WorkerProcess]:
+    """A ``flowctl worker TARGET`` subprocess on a fresh prefix; on exit it must drain and exit 0."""
     prefix = new_prefix()
-    log = tmp_path / "worker.log"
     with log.open("wb") as sink:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             CLI,
             "worker",
-            HOSTED,
+            target,
             "--prefix",
             prefix,
             cwd=ROOT,
-            env=subprocess_env,
+            env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=sink,
             stderr=sink,
@@ -140,6 +141,12 @@ async def worker(subprocess_env: dict[str, str], tmp_path: Path) -> AsyncIterato
     finally:
         code = await stop_worker(started)
     assert code == 0, f"worker exited with {code}:\n{started.text()}"
+
+
+@pytest.fixture
+async def worker(subprocess_env: dict[str, str], tmp_path: Path) -> AsyncIterator[WorkerProcess]:
+    async with flowctl_worker(HOSTED, subprocess_env, tmp_path / "worker.log") as started:
+        yield started
 
 
 # --- graph (no server) ---------------------------------------------------------------------------

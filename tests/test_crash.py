@@ -9,10 +9,8 @@ completion was published), with the loss visible in the journal.
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import pytest
 
 from flow_orchestrator.testing import LocalEnvironment, eventually
+from tests._processes import spawn_worker, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -51,21 +50,7 @@ BASE = {"a": 1, "b": 1, "c": 2, "d": 1}  # c fails its first attempt by design
 
 
 def _worker(env: dict[str, str], prefix: str, extra: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "flow_orchestrator.runtime._cli",
-        "worker",
-        "tests.crash_workflows:wf",
-        "--prefix",
-        prefix,
-        "--ack-wait",
-        "1",
-        "--log-level",
-        "WARNING",
-    ]
-    with log.open("ab") as output:  # the child keeps its own descriptor
-        return subprocess.Popen(command, env={**env, **extra}, stdout=output, stderr=subprocess.STDOUT)
+    return spawn_worker("tests.crash_workflows:wf", prefix, {**env, **extra}, log, "--ack-wait", "1")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.target for c in CASES])
@@ -98,10 +83,7 @@ async def test_sigkill_at_any_point_loses_nothing(
 
         journal = await eventually(finished_journal, within=10)
     finally:
-        for proc in (crashing, survivor):
-            if proc is not None and proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(30)
+        stop_all([crashing, survivor])
     completed = collections.Counter(
         e["node"] for e in journal if e["kind"] == "completed" and e["node"] != "_run"
     )

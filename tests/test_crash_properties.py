@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from hypothesis import strategies as st
 
 from flow_orchestrator import RunFailed
 from flow_orchestrator.testing import LocalEnvironment, eventually
+from tests._processes import spawn_worker, stop_all
 from tests.random_workflows import build
 
 pytestmark = pytest.mark.slow
@@ -64,27 +62,14 @@ async def test_crash_anywhere_gives_the_crash_free_outcome(
     tmp: Path = tmp_path_factory.mktemp("crash")
     prefix = f"r{uuid.uuid4().hex[:8]}"
     env = {**subprocess_env, "FLOW_TEST_DAG": json.dumps(spec)}
-    command = [
-        sys.executable,
-        "-m",
-        "flow_orchestrator.runtime._cli",
-        "worker",
-        "tests.random_workflows:wf",
-        "--prefix",
-        prefix,
-        "--ack-wait",
-        "1",
-        "--log-level",
-        "WARNING",
-    ]
     crash = {"FLOW_CRASH_AT": f"{point}:{node}", "FLOW_CRASH_ONCE": str(tmp / "crashed")}
     procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(extra: dict[str, str]) -> None:
-        with (tmp / "workers.log").open("ab") as log:
-            procs.append(
-                subprocess.Popen(command, env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT)
-            )
+        log = tmp / "workers.log"
+        procs.append(
+            spawn_worker("tests.random_workflows:wf", prefix, {**env, **extra}, log, "--ack-wait", "1")
+        )
 
     spawn(crash)
     try:
@@ -97,10 +82,7 @@ async def test_crash_anywhere_gives_the_crash_free_outcome(
         spawn({})
         assert await _outcome(crashing, run.run_id) == expected
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(30)
+        stop_all(procs)
 
 
 async def _finished(env: LocalEnvironment, run_id: str) -> bool:

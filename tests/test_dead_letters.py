@@ -3,10 +3,7 @@ worker on every delivery being dead-lettered on its last one, failing the run th
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ from flow_orchestrator import NodeContext, RunFailed, Workflow
 from flow_orchestrator.bus import encode
 from flow_orchestrator.runtime._dead_letters import NotReplayable
 from flow_orchestrator.testing import LocalEnvironment, eventually
+from tests._processes import spawn_worker, stop_all
 
 
 def _workflow(name: str) -> Workflow:
@@ -70,26 +68,11 @@ async def test_crash_loop_message_is_dead_lettered_and_fails_its_run(
 ) -> None:
     prefix = f"p{uuid.uuid4().hex[:8]}"
     env: LocalEnvironment = await env_factory([], prefix=prefix)
-    command = [
-        sys.executable,
-        "-m",
-        "flow_orchestrator.runtime._cli",
-        "worker",
-        "tests.crash_workflows:wf",
-        "--prefix",
-        prefix,
-        "--ack-wait",
-        "1",
-        "--max-deliver",
-        "3",
-        "--log-level",
-        "WARNING",
-    ]
     crashing = {**subprocess_env, "FLOW_TEST_MARKERS": str(tmp_path), "FLOW_CRASH_AT": "node.before_action:b"}
 
-    def spawn(extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with (tmp_path / "workers.log").open("ab") as log:
-            return subprocess.Popen(command, env=extra_env, stdout=log, stderr=subprocess.STDOUT)
+    def spawn(env: dict[str, str]) -> subprocess.Popen[bytes]:
+        options = ("--ack-wait", "1", "--max-deliver", "3")
+        return spawn_worker("tests.crash_workflows:wf", prefix, env, tmp_path / "workers.log", *options)
 
     procs = [spawn(crashing)]
     try:
@@ -109,10 +92,7 @@ async def test_crash_loop_message_is_dead_lettered_and_fails_its_run(
         snapshot = caught.value.status
         assert snapshot.nodes["b"].status.value == "failed"  # type: ignore[attr-defined]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(30)
+        stop_all(procs)
 
 
 async def _registered(env: LocalEnvironment) -> bool:

@@ -22,7 +22,7 @@ from flow_orchestrator import Client, NodeContext, RunEvent, RunNotFound, RunSta
 from flow_orchestrator.runtime._timeline import build_timeline, trace_id_of
 from flow_orchestrator.runtime._view import watch_run
 from flow_orchestrator.testing import LocalEnvironment, eventually
-from tests.test_cli import CLI, ROOT, WorkerProcess, flowctl, new_prefix, stop_worker
+from tests.test_cli import CLI, ROOT, WorkerProcess, flowctl, flowctl_worker
 
 # --- workflows hosted in-process ------------------------------------------------------------------
 GATES: dict[str, asyncio.Event] = {}
@@ -219,35 +219,8 @@ HOSTED = "tests.cli_workflows:observed"
 @pytest.fixture
 async def worker(subprocess_env: dict[str, str], tmp_path: Path) -> AsyncIterator[WorkerProcess]:
     """A ``flowctl worker`` subprocess hosting the CLI workflows and ``cli_gated``."""
-    prefix = new_prefix()
-    log = tmp_path / "worker.log"
-    with log.open("wb") as sink:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            CLI,
-            "worker",
-            HOSTED,
-            "--prefix",
-            prefix,
-            cwd=ROOT,
-            env=subprocess_env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    started = WorkerProcess(prefix, proc, log)
-    try:
-        await eventually(
-            lambda: "hosting" in started.text() or proc.returncode is not None,
-            within=30,
-            message="worker start",
-        )
-        assert proc.returncode is None, f"worker exited early:\n{started.text()}"
+    async with flowctl_worker(HOSTED, subprocess_env, tmp_path / "worker.log") as started:
         yield started
-    finally:
-        code = await stop_worker(started)
-    assert code == 0, f"worker exited with {code}:\n{started.text()}"
 
 
 @pytest.mark.slow
