@@ -1,6 +1,7 @@
-"""Tracing overhead on W1 chain20: the same run with tracing off and on (every run sampled, spans
-exported over OTLP/HTTP to a local receiver that decodes and counts them, as Jaeger would receive
-them). ``python -m bench.tracing [--runs 20] [--rounds 2]``. Rounds alternate off/on to spread drift.
+"""Tracing overhead on W1 chain20: the same run with tracing off and on (every run sampled unless
+``--ratio``; spans exported over OTLP/HTTP to a local receiver that decodes and counts them, as
+Jaeger would receive them). ``python -m bench.tracing [--runs 20] [--rounds 2] [--ratio 0.1]``.
+Rounds alternate off/on to spread drift.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ratio", type=float, help="sample this fraction of runs (default: every run)")
     args = parser.parse_args()
     sink = SpanSink()
     threading.Thread(target=sink.serve_forever, daemon=True).start()
@@ -129,8 +131,13 @@ def main() -> None:
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
         "OTEL_SERVICE_NAME": "bench-worker",
-        "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
+    if args.ratio is not None:
+        traced |= {
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": str(args.ratio),
+        }
+    sampling = "every run sampled" if args.ratio is None else f"{args.ratio:.0%} of runs sampled"
     medians: dict[str, list[float]] = {"off": [], "on": []}
     with embedded_server() as server:
         for _ in range(args.rounds):
@@ -139,7 +146,7 @@ def main() -> None:
                 with workers(server.url, prefix, env):
                     samples = run(chain_samples(server.url, prefix, args.warmup, args.runs))
                 medians[mode].append(statistics.median(samples))
-    time.sleep(1.0)  # let the last batch of spans arrive
+    time.sleep(1.0)  # workers flush their spans when they stop (SIGTERM): the last ones are in
     sink.shutdown()
     off, on = statistics.median(medians["off"]), statistics.median(medians["on"])
     runs_traced = args.rounds * (args.warmup + args.runs)
@@ -155,7 +162,7 @@ def main() -> None:
         "runs_traced": runs_traced,
         "notes": (
             f"1 server, replicas=1, file storage, 2 worker processes (flowctl worker), {event_loop_name()}; "
-            f"every run sampled, OTLP/HTTP batch export to a local receiver; load1={load1():.2f}"
+            f"{sampling}, OTLP/HTTP batch export to a local receiver; load1={load1():.2f}"
         ),
     }
     print(json.dumps(line))

@@ -22,6 +22,7 @@ from flow_orchestrator.bus._connection import DEFAULT_URL
 from flow_orchestrator.bus._server import EmbeddedServer
 from flow_orchestrator.bus._streams import StorageSettings
 from flow_orchestrator.runtime._client import Client, RunSnapshot
+from flow_orchestrator.runtime._interceptors import LoggingInterceptor
 from flow_orchestrator.runtime._status import RunStatus
 from flow_orchestrator.runtime._telemetry import configure_telemetry
 from flow_orchestrator.runtime._timeline import build_timeline, render_timeline
@@ -143,7 +144,9 @@ async def worker(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         ack_wait=args.ack_wait,
         max_deliver=args.max_deliver,
-        interceptors=telemetry.interceptors if telemetry else (),
+        # One compact log line per attempt outcome (at INFO, the worker's default level), with the
+        # run's fields and trace id on it; tracing and metrics when OTEL_* turns them on.
+        interceptors=[LoggingInterceptor(), *(telemetry.interceptors if telemetry else ())],
     )
     try:
         await host.run()  # until SIGINT/SIGTERM, then it drains

@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from opentelemetry import trace as trace_api
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, Tracer, TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -47,6 +48,7 @@ except PackageNotFoundError:  # running from a source tree
 # root this interceptor promised from a traceparent that reached the run some other way.
 TRACESTATE_KEY = "flow-orchestrator"
 _RUN_END = frozenset({"completed", "failed", "cancelled"})
+PARENT_CACHE = 4096  # runs in flight whose parsed trace context is kept
 _WATCHED = _RUN_END | {"started", "retrying", "lost"}
 _MESSAGING: dict[str, AttributeValue] = {
     "messaging.system": "nats",
@@ -56,7 +58,7 @@ _MESSAGING: dict[str, AttributeValue] = {
 _propagator = TraceContextTextMapPropagator()
 
 
-def remember(cache: OrderedDict[str, Any], key: str, value: Any, capacity: int) -> None:
+def remember(cache: OrderedDict[Any, Any], key: Any, value: Any, capacity: int) -> None:
     """Put ``key`` in a bounded insertion-ordered cache, dropping the oldest entries."""
     cache[key] = value
     cache.move_to_end(key)
@@ -135,6 +137,17 @@ class TracingInterceptor(Interceptor):
         self._capacity = capacity
         self._ended: OrderedDict[str, None] = OrderedDict()  # runs whose root this worker emitted
         self._scope = InstrumentationScope(INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION)
+        self._parents: OrderedDict[Any, Context] = OrderedDict()
+
+    def _parent_of(self, headers: Mapping[str, str]) -> Context:
+        """The run's context from a message's headers. Every step of a run carries the same
+        traceparent, so the parsed context is cached (bounded) instead of parsed at each step."""
+        key = (headers.get("traceparent"), headers.get("tracestate"))
+        found = self._parents.get(key)
+        if found is None:
+            found = _propagator.extract(headers)
+            remember(self._parents, key, found, PARENT_CACHE)
+        return found
 
     def _sdk_tracer(self) -> Tracer | None:
         if self._settled:
@@ -170,12 +183,17 @@ class TracingInterceptor(Interceptor):
         tracer = self._sdk_tracer()
         if tracer is None:
             return await call_next(input)
-        attributes = {**_MESSAGING, "workflow": input.workflow, "run_id": input.run_id, "node": input.node}
         with tracer.start_as_current_span(
             f"{input.workflow}.{input.node}",
-            context=_propagator.extract(input.headers),
+            context=self._parent_of(input.headers),
             kind=SpanKind.CONSUMER,
-            attributes={**attributes, "attempt": input.attempt},
+            attributes={
+                "messaging.system": "nats",
+                "workflow": input.workflow,
+                "run_id": input.run_id,
+                "node": input.node,
+                "attempt": input.attempt,
+            },
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
