@@ -13,7 +13,12 @@ import asyncio
 from collections.abc import Set
 from typing import Any
 
+from flow_orchestrator._errors import FlowError
 from flow_orchestrator.bus._kv import StateStore
+
+
+class JoinNotRecorded(FlowError):
+    """An arrival's batched write failed; its message is handed back to be delivered again."""
 
 
 class JoinBook:
@@ -36,14 +41,25 @@ class JoinBook:
             async with lock:
                 batch = self._waiting.pop(key, None)
                 if batch:
-                    self._latest[key] = await self._write(key, batch, holder=seq)
+                    try:
+                        self._latest[key] = await self._write(key, batch, holder=seq)
+                    except BaseException:
+                        # Give the batch back to the next writer: it carried other messages' arrivals.
+                        waiting = self._waiting.setdefault(key, {})
+                        for upstream, message in batch.items():
+                            waiting.setdefault(upstream, message)
+                        raise
                 # else an earlier holder of the lock wrote this arrival with its own batch.
-                return self._latest.get(key)
+                record = self._latest.get(key)
         finally:
             self._users[key] -= 1
             if not self._users[key]:
-                for book in (self._users, self._locks, self._latest):
+                for book in (self._users, self._locks, self._latest, self._waiting):
                     book.pop(key, None)
+        if record is None or source not in record.get("arrived", ()):
+            # The write that carried this arrival failed: do not acknowledge; the message returns.
+            raise JoinNotRecorded(f"the arrival of {source!r} at {key!r} was not recorded yet")
+        return record
 
     async def _write(self, key: str, batch: dict[str, int], holder: int) -> dict[str, Any] | None:
         """Add the batch's arrivals; if they complete the set, ``holder`` (the writer's own message,
