@@ -93,9 +93,6 @@ class Names:
     def dlq(self, workflow: str, reason: str) -> str:
         return f"{self.prefix}.dlq.{workflow}.{reason}"
 
-    def deliver(self, consumer: str) -> str:
-        return f"{self.prefix}.deliver.{consumer}"
-
     # consumers (durable names may not contain dots)
     def node_consumer(self, workflow: str, node: str) -> str:
         return f"node_{workflow}_{node}"
