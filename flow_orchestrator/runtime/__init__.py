@@ -3,7 +3,7 @@
 from flow_orchestrator.runtime._builder import WorkflowBuilder
 from flow_orchestrator.runtime._client import Client, NodeSnapshot, RunHandle, RunSnapshot
 from flow_orchestrator.runtime._context import NodeContext
-from flow_orchestrator.runtime._data import KVWorkflowStore, WorkflowData, WorkflowStore
+from flow_orchestrator.runtime._data import KVWorkflowStore, WorkflowData
 from flow_orchestrator.runtime._events import RunEvent
 from flow_orchestrator.runtime._interceptors import (
     LoggingInterceptor,
@@ -18,8 +18,11 @@ from flow_orchestrator.runtime._telemetry import Telemetry, configure_telemetry
 from flow_orchestrator.runtime._tracing import TracingInterceptor
 from flow_orchestrator.runtime._worker import Worker
 from flow_orchestrator.runtime._workflow import NodeSpec, Workflow, WorkflowDefinition
+from flow_orchestrator.runtime.types import Action, ActionObject, WorkflowStore
 
 __all__ = [
+    "Action",
+    "ActionObject",
     "Client",
     "KVWorkflowStore",
     "LoggingInterceptor",

@@ -7,7 +7,7 @@ implementation.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -135,16 +135,8 @@ class WorkflowData:
         return {key: await self.get(key) for key in await self.keys()}
 
 
-class WorkflowStore(Protocol):
-    """Persist and restore a run's data, as ``WorkflowStore.Save/Load`` in the original library."""
-
-    async def save(self, run_id: str, data: Mapping[str, Any]) -> None: ...
-
-    async def load(self, run_id: str) -> dict[str, Any]: ...
-
-
 class KVWorkflowStore:
-    """The JetStream KV implementation of :class:`WorkflowStore`."""
+    """The JetStream KV implementation of :class:`~flow_orchestrator.runtime.types.WorkflowStore`."""
 
     def __init__(self, store: StateStore) -> None:
         self._store = store
