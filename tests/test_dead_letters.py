@@ -68,7 +68,7 @@ async def test_crash_loop_message_is_dead_lettered_and_fails_its_run(
 ) -> None:
     prefix = f"p{uuid.uuid4().hex[:8]}"
     env: LocalEnvironment = await env_factory([], prefix=prefix)
-    crashing = {**subprocess_env, "FLOW_TEST_MARKERS": str(tmp_path), "FLOW_CRASH_AT": "node.before_action:b"}
+    crashing = {**subprocess_env, "FLOW_TEST_MARKERS": str(tmp_path), "FLOW_CRASH_AT": "node.before_action:d"}
 
     def spawn(env: dict[str, str]) -> subprocess.Popen[bytes]:
         options = ("--ack-wait", "1", "--max-deliver", "3")
@@ -78,19 +78,23 @@ async def test_crash_loop_message_is_dead_lettered_and_fails_its_run(
     try:
         await eventually(lambda: _registered(env), within=30)
         handle = await env.client.start("crashy", {"x": 1})
-        # Every worker that takes b's message dies. Its third (last allowed) delivery is not run: the
-        # worker that gets it dead-letters it, and b's run fails instead of hanging.
+        # Every worker that takes d's message dies. Its third (last allowed) delivery is not run: the
+        # worker that gets it dead-letters it, and the run fails instead of hanging.
         for _ in range(2):
             await eventually(lambda: procs[-1].poll() is not None, within=30)
             procs.append(spawn(crashing))
         with pytest.raises(RunFailed, match="dead-lettered") as caught:
             await handle.result()
         letters = await env.client.dead_letters("crashy")
+        # The crash is at the join d, when nothing else of the run is in flight: the only message
+        # given up on is the one that won d's join (b's or c's completion).
         [letter] = [d for d in letters if d.reason == "max_deliveries"]
-        assert letter.subject == env.names.event("crashy", handle.run_id, "a", "completed")
+        assert "consumer node_crashy_d " in letter.error
+        winners = {env.names.event("crashy", handle.run_id, up, "completed") for up in ("b", "c")}
+        assert letter.subject in winners
         assert "gave up after 3 deliveries" in letter.error
         snapshot = caught.value.status
-        assert snapshot.nodes["b"].status.value == "failed"  # type: ignore[attr-defined]
+        assert snapshot.nodes["d"].status.value == "failed"  # type: ignore[attr-defined]
     finally:
         stop_all(procs)
 
