@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,38 +12,9 @@ from typing import Any
 import pytest
 
 from flow_orchestrator.testing import LocalEnvironment, eventually
+from tests._processes import spawn_worker, stop_all
 
 pytestmark = pytest.mark.slow
-
-
-def _spawn_worker(env: dict[str, str], prefix: str, target: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flow_orchestrator.runtime._cli",
-            "worker",
-            target,
-            "--prefix",
-            prefix,
-            "--log-level",
-            "WARNING",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    return proc.returncode, out.decode(errors="replace")
 
 
 async def test_two_worker_processes_run_every_node_exactly_once(
@@ -55,7 +22,8 @@ async def test_two_worker_processes_run_every_node_exactly_once(
 ) -> None:
     prefix = f"w{uuid.uuid4().hex[:8]}"
     child_env = {**subprocess_env, "FLOW_TEST_MARKERS": str(tmp_path)}
-    workers = [_spawn_worker(child_env, prefix, "tests.workflows:counted") for _ in range(2)]
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    workers = [spawn_worker("tests.workflows:counted", prefix, child_env, log) for log in logs]
     try:
         env: LocalEnvironment = await env_factory([], prefix=prefix)
 
@@ -73,9 +41,9 @@ async def test_two_worker_processes_run_every_node_exactly_once(
         results = await asyncio.gather(*(h.result() for h in handles))
         assert results == [{"sum": 15}] * 40
     finally:
-        outcomes = [_stop(w) for w in workers]
-    for code, output in outcomes:
-        assert code == 0, output  # SIGTERM drains and exits cleanly
+        stop_all(workers)
+    for worker, log in zip(workers, logs, strict=True):
+        assert worker.returncode == 0, log.read_text()  # SIGTERM drains and exits cleanly
     lines = (tmp_path / "executions.log").read_text().split()
     executions = collections.Counter(zip(lines[0::3], lines[1::3], strict=True))
     run_ids = {h.run_id for h in handles}
