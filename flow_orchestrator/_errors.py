@@ -42,6 +42,10 @@ class EmptyWorkflowError(WorkflowDefinitionError):
 
 
 # --- messages ------------------------------------------------------------------------------------
+class UnencodableValue(FlowError, TypeError):
+    """A value cannot be encoded for the bus (not JSON-like data or a pydantic model)."""
+
+
 class MessageError(FlowError):
     """A message on the bus cannot be processed; it is dead-lettered, never redelivered forever."""
 

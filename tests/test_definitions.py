@@ -74,6 +74,7 @@ def test_public_api_is_pinned() -> None:
         "TimeoutInterceptor",
         "TracingInterceptor",
         "TriggerInput",
+        "UnencodableValue",
         "UnknownDependencyError",
         "UnknownWorkflow",
         "Worker",

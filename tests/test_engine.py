@@ -10,12 +10,15 @@ import pytest
 
 from flow_orchestrator import (
     InvalidPayload,
+    NodeContext,
     NodeStatus,
     PayloadTooLarge,
+    RetryPolicy,
     RunFailed,
     RunNotFound,
     RunStatus,
     UnknownWorkflow,
+    Workflow,
 )
 from flow_orchestrator.bus import decode, encode
 from flow_orchestrator.testing import LocalEnvironment, eventually
@@ -204,22 +207,9 @@ async def test_repeated_msg_id_beyond_dedup_window_still_one_run(env_factory: An
     assert [e["kind"] for e in journal if e["node"] == "_run"].count("started") == 1
 
 
-async def _dead_letters(env: LocalEnvironment, count: int) -> list[dict[str, Any]]:
-    sub = await env.client.bus.js.subscribe(f"{env.prefix}.dlq.>", ordered_consumer=True)
-    records: list[dict[str, Any]] = []
-    try:
-        while len(records) < count:
-            msg = await sub.next_msg(timeout=20)
-            records.append(decode(msg.data))
-    finally:
-        await sub.unsubscribe()
-    return records
-
-
-async def _rejections(env: LocalEnvironment, workflow: str, count: int) -> list[dict[str, Any]]:
-    sub = await env.client.bus.js.subscribe(
-        f"{env.prefix}.evt.{workflow}.*._trigger.rejected", ordered_consumer=True
-    )
+async def _read(env: LocalEnvironment, subject: str, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` messages on ``subject`` (from the stream's start), decoded."""
+    sub = await env.client.bus.js.subscribe(subject, ordered_consumer=True)
     found: list[dict[str, Any]] = []
     try:
         while len(found) < count:
@@ -228,6 +218,14 @@ async def _rejections(env: LocalEnvironment, workflow: str, count: int) -> list[
     finally:
         await sub.unsubscribe()
     return found
+
+
+async def _dead_letters(env: LocalEnvironment, count: int) -> list[dict[str, Any]]:
+    return await _read(env, f"{env.prefix}.dlq.>", count)
+
+
+async def _rejections(env: LocalEnvironment, workflow: str, count: int) -> list[dict[str, Any]]:
+    return await _read(env, f"{env.prefix}.evt.{workflow}.*._trigger.rejected", count)
 
 
 async def test_malformed_and_invalid_triggers_are_dead_lettered(env_factory: Any) -> None:
@@ -328,3 +326,20 @@ async def test_cancel_stops_a_running_run(env_factory: Any) -> None:
 async def _settled(handle: Any) -> Any:
     snapshot = await handle.status()
     return snapshot if snapshot.nodes["flaky"].attempts == 1 else None
+
+
+async def test_an_output_that_cannot_be_stored_fails_the_node_without_retry(env_factory: Any) -> None:
+    wf = Workflow("unstorable")
+
+    @wf.node(retry=RetryPolicy(max_attempts=3, initial=0.0))
+    async def odd(ctx: NodeContext) -> Any:
+        return {"value": object()}
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("unstorable", {})
+    with pytest.raises(RunFailed, match="cannot be stored"):
+        await handle.result()
+    snapshot = await handle.status()
+    assert snapshot.nodes["odd"].attempts == 1
+    assert snapshot.nodes["odd"].error is not None
+    assert snapshot.nodes["odd"].error["type"] == "NonRetryableError"

@@ -27,7 +27,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from flow_orchestrator._errors import DataKeyNotFound, StateConflict
+from flow_orchestrator._errors import DataKeyNotFound, NonRetryableError, StateConflict, UnencodableValue
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import TRANSIENT, Actor, ConsumerSpec, log
 from flow_orchestrator.actors._faults import crash_point
@@ -232,7 +232,13 @@ class NodeActor(Actor):
         finally:
             self.system.gate.untrack(attempt.run_id, task)
         crash_point("node.after_action", self.node.name)
-        await self._finish_completed(msg, attempt, output)
+        try:
+            await self._finish_completed(msg, attempt, output)
+        except UnencodableValue as exc:  # raised before anything was published
+            error = NonRetryableError(
+                f"output of node {self.node.name!r} (run {attempt.run_id!r}) cannot be stored: {exc}"
+            )
+            await self._finish_failed(msg, attempt, request, error)
 
     async def _finish_completed(self, msg: Msg, attempt: Attempt, output: Any) -> None:
         body = {

@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 from pydantic import BaseModel
 
-from flow_orchestrator._errors import MalformedMessage, PayloadTooLarge
+from flow_orchestrator._errors import MalformedMessage, PayloadTooLarge, UnencodableValue
 
 CONTENT_TYPE = "Content-Type"
 JSON_TYPE = "application/json"
@@ -34,8 +34,12 @@ _packer_options: dict[str, Any] = {"default": _default, "use_bin_type": True}
 
 
 def encode(value: Any) -> bytes:
-    """Encode a JSON-like value (pydantic models, sets and datetimes are converted) as msgpack."""
-    return msgpack.packb(value, **_packer_options)
+    """Encode a JSON-like value (pydantic models, sets and datetimes are converted) as msgpack;
+    raise :class:`UnencodableValue` for anything else."""
+    try:
+        return msgpack.packb(value, **_packer_options)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnencodableValue(str(exc)) from exc
 
 
 def decode(data: bytes) -> Any:

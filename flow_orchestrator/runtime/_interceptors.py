@@ -14,7 +14,6 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from flow_orchestrator._errors import InvalidPayload, NodeTimeout, NonRetryableError
-from flow_orchestrator.bus._codec import encode
 from flow_orchestrator.bus._interceptors import Interceptor
 from flow_orchestrator.bus.types import ExecuteNodeInput, NodeCall, TriggerCall, TriggerInput
 from flow_orchestrator.runtime._retry import RetryPolicy
@@ -148,7 +147,8 @@ async def accept_trigger(input: TriggerInput) -> Any:
 
 
 async def run_action(input: ExecuteNodeInput) -> Any:
-    """The innermost node call: run the action under its timeout; reject outputs we cannot store."""
+    """The innermost node call: run the action under its timeout. (An output that cannot be stored
+    fails the attempt where it is encoded, once, on its way into the completion event.)"""
     if input.timeout is None:
         output = await input.action(input.context)
     else:
@@ -162,10 +162,4 @@ async def run_action(input: ExecuteNodeInput) -> Any:
                     f"(attempt {input.attempt})"
                 ) from exc
             raise
-    try:
-        encode(output)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise NonRetryableError(
-            f"output of node {input.node!r} (run {input.run_id!r}) cannot be stored: {exc}"
-        ) from exc
     return output
