@@ -1,7 +1,12 @@
 """Tracing overhead on W1 chain20: the same run with tracing off and on (every run sampled unless
-``--ratio``; spans exported over OTLP/HTTP to a local receiver that decodes and counts them, as
-Jaeger would receive them). ``python -m bench.tracing [--runs 20] [--rounds 2] [--ratio 0.1]``.
-Rounds alternate off/on to spread drift.
+``--ratio``; spans exported over OTLP/HTTP to a receiver process that decodes and counts them, as
+Jaeger would receive them). ``python -m bench.tracing [--batches 20] [--runs 10] [--ratio 0.1]``.
+
+Two sets of 2 workers, one with tracing off and one with it on, run side by side on one server (each
+on its own prefix), and the client alternates short batches of runs between them: on this shared,
+noisy 2-core VM, drift over a minute is larger than the effect measured, and alternating batches
+cancels it. ``--span-export thread`` measures the SDK's in-process ``BatchSpanProcessor`` instead of
+the default export process.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +30,7 @@ from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from bench._harness import ROOT, embedded_server, event_loop_name, load1, run
+from bench._harness import ROOT, embedded_server, event_loop_name, load1, percentile, run
 from flow_orchestrator import Client
 from flow_orchestrator.testing import eventually
 
@@ -32,7 +38,8 @@ STEPS = 20
 
 
 class SpanSink(ThreadingHTTPServer):
-    """An OTLP/HTTP receiver on loopback that decodes every export and counts spans and traces."""
+    """An OTLP/HTTP receiver on loopback that decodes every export and counts spans and traces;
+    ``GET /count`` answers ``{"spans": n, "traces": n}``."""
 
     def __init__(self) -> None:
         self.spans = 0
@@ -60,14 +67,67 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/x-protobuf")
         self.end_headers()
 
+    def do_GET(self) -> None:
+        with self.server.lock:
+            body = json.dumps({"spans": self.server.spans, "traces": len(self.server.traces)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, format: str, *args: object) -> None:  # quiet
         return
 
 
 @contextmanager
-def workers(url: str, prefix: str, env: dict[str, str], count: int = 2) -> Iterator[None]:
+def sink_process() -> Iterator[str]:
+    """The receiver in its own process, as Jaeger would be: its decoding never takes the client's GIL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.tracing", "--sink"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc.stdout.readline().decode().strip()
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def sink_counts(endpoint: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"{endpoint}/count", timeout=10) as reply:
+        return json.loads(reply.read())  # type: ignore[no-any-return]
+
+
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """User + system CPU seconds so far of these processes, and of their children (Linux /proc)."""
+    own = children = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            kids = [  # a child belongs to the thread that started it
+                int(c)
+                for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()
+            ]
+        except OSError:
+            continue
+        own += (int(fields[11]) + int(fields[12])) / tick
+        children += sum(cpu_seconds(kids))
+    return own, children
+
+
+@contextmanager
+def workers(url: str, prefix: str, env: dict[str, str], count: int = 2) -> Iterator[list[int]]:
     logs = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
-    child_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    child_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    }
     command = [
         sys.executable,
         "-m",
@@ -86,7 +146,7 @@ def workers(url: str, prefix: str, env: dict[str, str], count: int = 2) -> Itera
         with (logs / f"worker-{i}.log").open("wb") as log:
             procs.append(subprocess.Popen(command, env=child_env, stdout=log, stderr=subprocess.STDOUT))
     try:
-        yield
+        yield [proc.pid for proc in procs]
     finally:
         for proc in procs:
             os.kill(proc.pid, signal.SIGTERM)
@@ -94,22 +154,43 @@ def workers(url: str, prefix: str, env: dict[str, str], count: int = 2) -> Itera
             proc.wait(30)
 
 
-async def chain_samples(url: str, prefix: str, warmup: int, runs: int) -> list[float]:
-    client = await Client.connect(url, prefix=prefix)
+async def chain_batches(  # noqa: PLR0917 (one call site, each argument named there)
+    url: str,
+    prefixes: dict[str, str],
+    pids: dict[str, list[int]],
+    batches: int,
+    runs: int,
+    warmup: int,
+) -> tuple[dict[str, list[list[float]]], dict[str, list[float]]]:
+    """Alternate batches of ``runs`` chain20 runs between the modes' workers; each batch's run times
+    (ms) by mode, and the CPU seconds each mode's workers (and their children) used in its batches."""
+    clients = {mode: await Client.connect(url, prefix=prefix) for mode, prefix in prefixes.items()}
     try:
-        await eventually(lambda: client.describe("chain20"), within=60)
-        await eventually(lambda: _consumers_ready(client), within=60)
-        samples = []
-        for i in range(warmup + runs):
-            start = time.perf_counter()
-            result = await client.run("chain20", {})
-            if result != {"k": STEPS - 1, "acc": STEPS}:
-                raise AssertionError(f"wrong chain20 result: {result}")
-            if i >= warmup:
-                samples.append((time.perf_counter() - start) * 1000)
-        return samples
+        for client in clients.values():
+            await eventually(lambda c=client: c.describe("chain20"), within=60)  # type: ignore[misc]
+            await eventually(lambda c=client: _consumers_ready(c), within=60)  # type: ignore[misc]
+        samples: dict[str, list[list[float]]] = {mode: [] for mode in clients}
+        cpu = {mode: [0.0, 0.0] for mode in clients}  # the workers', their children's
+        for batch in range(batches):
+            order = list(clients) if batch % 2 == 0 else list(reversed(clients))
+            for mode in order:
+                skip = warmup if batch == 0 else 0
+                samples[mode].append([])
+                used = cpu_seconds(pids[mode])
+                for i in range(runs + skip):
+                    start = time.perf_counter()
+                    result = await clients[mode].run("chain20", {})
+                    if result != {"k": STEPS - 1, "acc": STEPS}:
+                        raise AssertionError(f"wrong chain20 result: {result}")
+                    if i >= skip:
+                        samples[mode][-1].append((time.perf_counter() - start) * 1000)
+                if batch:  # the first batch pays for start-up (the export process's imports, warm-up)
+                    for i, (after, before) in enumerate(zip(cpu_seconds(pids[mode]), used, strict=True)):
+                        cpu[mode][i] += after - before
+        return samples, cpu
     finally:
-        await client.close()
+        for client in clients.values():
+            await client.close()
 
 
 async def _consumers_ready(client: Client) -> bool:
@@ -119,50 +200,76 @@ async def _consumers_ready(client: Client) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=20, help="batches per mode, alternating")
+    parser.add_argument("--runs", type=int, default=10, help="runs per batch")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ratio", type=float, help="sample this fraction of runs (default: every run)")
+    parser.add_argument("--span-export", choices=("process", "thread"), default="process")
+    parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sink = SpanSink()
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
-    traced = {
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
-        "OTEL_SERVICE_NAME": "bench-worker",
-    }
-    if args.ratio is not None:
-        traced |= {
-            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-            "OTEL_TRACES_SAMPLER_ARG": str(args.ratio),
+    if args.sink:
+        sink = SpanSink()
+        print(sink.endpoint, flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        sink.serve_forever()
+        return
+    with sink_process() as endpoint, embedded_server() as server:
+        traced = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_SERVICE_NAME": "bench-worker",
+            "FLOW_SPAN_EXPORT": args.span_export,
         }
-    sampling = "every run sampled" if args.ratio is None else f"{args.ratio:.0%} of runs sampled"
-    medians: dict[str, list[float]] = {"off": [], "on": []}
-    with embedded_server() as server:
-        for _ in range(args.rounds):
-            for mode, env in (("off", {"OTEL_TRACES_EXPORTER": "none"}), ("on", traced)):
-                prefix = f"tr{uuid.uuid4().hex[:6]}"
-                with workers(server.url, prefix, env):
-                    samples = run(chain_samples(server.url, prefix, args.warmup, args.runs))
-                medians[mode].append(statistics.median(samples))
-    time.sleep(1.0)  # workers flush their spans when they stop (SIGTERM): the last ones are in
-    sink.shutdown()
-    off, on = statistics.median(medians["off"]), statistics.median(medians["on"])
-    runs_traced = args.rounds * (args.warmup + args.runs)
+        if args.ratio is not None:
+            traced |= {
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": str(args.ratio),
+            }
+        sampling = "every run sampled" if args.ratio is None else f"{args.ratio:.0%} of runs sampled"
+        prefixes = {mode: f"tr{mode}{uuid.uuid4().hex[:6]}" for mode in ("off", "on")}
+        with (
+            workers(server.url, prefixes["off"], {"OTEL_TRACES_EXPORTER": "none"}) as plain,
+            workers(server.url, prefixes["on"], traced) as traced_pids,
+        ):
+            pids = {"off": plain, "on": traced_pids}
+            samples, cpu = run(
+                chain_batches(server.url, prefixes, pids, args.batches, args.runs, args.warmup)
+            )
+        counts = sink_counts(endpoint)  # workers flush their spans when they stop (SIGTERM)
+    every = {mode: [ms for batch in batches for ms in batch] for mode, batches in samples.items()}
+    off, on = statistics.median(every["off"]), statistics.median(every["on"])
+    # Each batch of traced runs against the untraced batch beside it: drift cancels out in the pair.
+    paired = [
+        statistics.median(traced) / statistics.median(plain)
+        for traced, plain in zip(samples["on"], samples["off"], strict=True)
+    ]
+    runs_traced = args.batches * args.runs + args.warmup
     line = {
         "system": "flow-orchestrator",
         "workload": "W1 chain20 tracing overhead",
         "per_step_ms_tracing_off": round(off / STEPS, 3),
         "per_step_ms_tracing_on": round(on / STEPS, 3),
         "overhead_pct": round((on - off) / off * 100, 1),
-        "round_medians_ms": medians,
-        "spans_received": sink.spans,
-        "traces_received": len(sink.traces),
+        "paired_overhead_pct": round((statistics.median(paired) - 1) * 100, 1),
+        "paired_overhead_quartiles_pct": [round((q - 1) * 100, 1) for q in statistics.quantiles(paired, n=4)],
+        "p90_ms": {mode: round(percentile(values, 0.9), 2) for mode, values in every.items()},
+        "runs_per_mode": len(every["on"]),
+        # CPU per step the workers spent (after the first batch), and their span-export children
+        **{
+            f"{whose}_cpu_ms_per_step": {
+                mode: round(used[i] * 1000 / (len(every[mode]) - args.runs) / STEPS, 3)
+                for mode, used in cpu.items()
+            }
+            for i, whose in enumerate(("worker", "exporter"))
+        },
+        "spans_received": counts["spans"],
+        "traces_received": counts["traces"],
         "runs_traced": runs_traced,
         "notes": (
-            f"1 server, replicas=1, file storage, 2 worker processes (flowctl worker), {event_loop_name()}; "
-            f"{sampling}, OTLP/HTTP batch export to a local receiver; load1={load1():.2f}"
+            f"1 server, replicas=1, file storage, 2 worker processes per mode (flowctl worker), "
+            f"{event_loop_name()}; {sampling}, span export: {args.span_export}, OTLP/HTTP to a receiver "
+            f"process; {args.batches} alternating batches of {args.runs} runs; load1={load1():.2f}"
         ),
     }
     print(json.dumps(line))

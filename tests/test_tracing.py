@@ -14,18 +14,14 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
 
 from flow_orchestrator.bus import encode
@@ -39,6 +35,7 @@ from flow_orchestrator.runtime._telemetry import (
 from flow_orchestrator.runtime._tracing import TracingInterceptor
 from flow_orchestrator.testing import LocalEnvironment, eventually
 from tests import tracing_workflows, workflows
+from tests._otlp import Receiver
 
 NODES = ("fetch", "enrich", "store")
 
@@ -152,6 +149,21 @@ async def test_the_trigger_publishers_span_is_the_roots_parent(env_factory: Any,
     assert root.parent.span_id != root.context.span_id
 
 
+async def test_a_run_started_inside_a_span_joins_its_trace(env_factory: Any, spans: Any) -> None:
+    provider, exporter = spans
+    env: LocalEnvironment = await env_factory(
+        [tracing_workflows.wf], interceptors=[TracingInterceptor(provider)]
+    )
+    with provider.get_tracer("tests.checkout").start_as_current_span("checkout") as caller:
+        handle = await env.client.start("traced", {})
+    assert await handle.result() == {"stored": 2}
+    root = _check_retry_trace(await _finished_trace(exporter, handle.run_id, "traced"), handle.run_id)
+    assert root.context is not None
+    assert root.parent is not None
+    assert root.context.trace_id == caller.get_span_context().trace_id
+    assert root.parent.span_id == caller.get_span_context().span_id
+
+
 async def test_a_failed_run_records_its_error_on_the_root(env_factory: Any, spans: Any) -> None:
     provider, exporter = spans
     env: LocalEnvironment = await env_factory(
@@ -235,6 +247,65 @@ async def test_log_records_about_a_run_carry_its_trace_id(env_factory: Any, span
     assert f"node=say attempt=1 trace_id={record.trace_id}]" in text  # type: ignore[attr-defined]
 
 
+async def test_an_action_annotates_its_attempt_span_and_nests_its_own_spans(
+    env_factory: Any, spans: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider, exporter = spans
+    monkeypatch.setattr(tracing_workflows, "TRACER", provider.get_tracer("tests.inventory"))
+    env: LocalEnvironment = await env_factory(
+        [tracing_workflows.instrumented], interceptors=[TracingInterceptor(provider)]
+    )
+    handle = await env.client.start("instrumented", {"order": "o-7"})
+    assert await handle.result() == {"ok": True}
+    await _finished_trace(exporter, handle.run_id, "instrumented")
+    (attempt,) = [s for s in _trace_of(exporter, handle.run_id) if s.name == "instrumented.lookup"]
+    (query,) = [s for s in exporter.get_finished_spans() if s.name == "inventory query"]
+    assert attempt.context is not None
+    assert query.parent is not None
+    assert (query.parent.trace_id, query.parent.span_id) == (
+        attempt.context.trace_id,
+        attempt.context.span_id,
+    )
+    assert attempt.attributes is not None
+    assert attempt.attributes["order.id"] == "o-7"
+    assert "order.bad" not in attempt.attributes
+    assert attempt.attributes["outcome"] == "completed"
+    assert [(e.name, dict(e.attributes or {})) for e in attempt.events] == [("cache miss", {"key": "o-7"})]
+
+
+async def test_a_sampler_that_reads_the_span_is_asked_for_every_span(env_factory: Any) -> None:
+    """Only the SDK's samplers (which decide from the parent and trace id) are asked once per run."""
+    asked: list[str] = []
+
+    class ByNode(Sampler):
+        def should_sample(self, parent_context: Any, trace_id: int, name: str, *args: Any, **kw: Any) -> Any:
+            asked.append(name)
+            decision = Decision.DROP if name == "traced.enrich" else Decision.RECORD_AND_SAMPLE
+            return SamplingResult(decision, {"sampled.by": "node"})
+
+        def get_description(self) -> str:
+            return "ByNode"
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ByNode(), shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    env: LocalEnvironment = await env_factory(
+        [tracing_workflows.wf], interceptors=[TracingInterceptor(provider)]
+    )
+    handle = await env.client.start("traced", {})
+    assert await handle.result() == {"stored": 2}
+    await _finished_trace(exporter, handle.run_id, "traced")
+    attempts = [
+        s
+        for s in _trace_of(exporter, handle.run_id)
+        if s.name.startswith("traced.") and "retry" not in s.name
+    ]
+    assert sorted(s.name for s in attempts) == ["traced.fetch", "traced.store"]
+    assert all((s.attributes or {}).get("sampled.by") == "node" for s in attempts)
+    assert asked.count("traced.enrich") == 2  # both attempts were asked, and dropped
+    provider.shutdown()
+
+
 # --- configure_telemetry ------------------------------------------------------------------------
 def test_telemetry_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
@@ -292,63 +363,6 @@ def test_unsupported_otel_settings_are_typed_errors(
 
 
 # --- on the wire: two worker processes, one OTLP/HTTP receiver -----------------------------------
-class _Receiver(ThreadingHTTPServer):
-    """Accepts OTLP/HTTP trace exports on 127.0.0.1 and keeps every span with its resource."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _OtlpHandler)
-        self.spans: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _OtlpHandler(BaseHTTPRequestHandler):
-    server: _Receiver
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.path != "/v1/traces":
-            self.send_response(404)
-            self.end_headers()
-            return
-        request = ExportTraceServiceRequest.FromString(body)
-        found = []
-        for resource_spans in request.resource_spans:
-            resource = {kv.key: _value(kv.value) for kv in resource_spans.resource.attributes}
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    found.append(
-                        {
-                            "name": span.name,
-                            "trace_id": span.trace_id.hex(),
-                            "span_id": span.span_id.hex(),
-                            "parent": span.parent_span_id.hex(),
-                            "status": span.status.code,
-                            "events": [event.name for event in span.events],
-                            "attributes": {kv.key: _value(kv.value) for kv in span.attributes},
-                            "resource": resource,
-                        }
-                    )
-        with self.server.lock:
-            self.server.spans.extend(found)
-        reply = ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def _value(value: Any) -> Any:
-    return getattr(value, value.WhichOneof("value")) if value.WhichOneof("value") else None
-
-
 def _cli_configures_telemetry() -> bool:
     return any("configure_telemetry" in Path(str(m.__file__)).read_text() for m in (_cli, _commands))
 
@@ -361,7 +375,7 @@ def _cli_configures_telemetry() -> bool:
 async def test_two_worker_processes_export_one_trace_per_run(
     env_factory: Any, subprocess_env: dict[str, str]
 ) -> None:
-    receiver = _Receiver()
+    receiver = Receiver()
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     prefix = f"o{uuid.uuid4().hex[:8]}"
     child_env = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from opentelemetry import trace
+
 from flow_orchestrator import NodeContext, NonRetryableError, RetryPolicy, Workflow
 
 # fetch -> enrich (fails on its first attempt, then succeeds) -> store
@@ -45,3 +47,20 @@ logged = Workflow("logged")
 async def say(ctx: NodeContext) -> dict[str, bool]:
     ctx.log.info("hello")
     return {"said": True}
+
+
+# An action that instruments itself: it annotates the attempt's span and opens a child span with
+# TRACER (the test sets it from its provider; an application would use the global one)
+instrumented = Workflow("instrumented")
+TRACER: trace.Tracer = trace.NoOpTracer()
+
+
+@instrumented.node()
+async def lookup(ctx: NodeContext) -> dict[str, Any]:
+    span = trace.get_current_span()
+    span.set_attribute("order.id", ctx.input["order"])
+    span.set_attribute("order.bad", {"not": "an attribute value"})  # dropped, as the SDK drops it
+    span.add_event("cache miss", {"key": ctx.input["order"]})
+    with TRACER.start_as_current_span("inventory query"):
+        pass
+    return {"ok": True}

@@ -14,6 +14,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors as js_errors
 from nats.aio.msg import Msg
+from opentelemetry import propagate
 from pydantic import BaseModel, ValidationError
 
 from flow_orchestrator._errors import (
@@ -250,18 +251,18 @@ class Client:
     ) -> RunHandle:
         """Start a run (durably: it starts even if no worker is up yet, once one comes).
 
-        ``run_id`` is the idempotency key: starting twice with the same id starts one run.
+        ``run_id`` is the idempotency key: starting twice with the same id starts one run. Called
+        inside an OpenTelemetry span, the run's trace joins that span's trace (W3C headers, through
+        the global propagator).
         """
         name = workflow.name if isinstance(workflow, Workflow) else workflow
         await self.describe(name)
         if isinstance(workflow, Workflow) and workflow.input_model is not None:
             input = _validate(workflow.input_model, input, name)
         run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
-        await self.bus.js.publish(
-            self.names.trigger(name),
-            encode(input),
-            headers={"Nats-Msg-Id": run_id, CONTENT_TYPE: MSGPACK_TYPE},
-        )
+        headers = {"Nats-Msg-Id": run_id, CONTENT_TYPE: MSGPACK_TYPE}
+        propagate.inject(headers)  # nothing when no span is current
+        await self.bus.js.publish(self.names.trigger(name), encode(input), headers=headers)
         return RunHandle(self, run_id, name)
 
     async def run(

@@ -31,6 +31,7 @@ from opentelemetry.trace import format_span_id, format_trace_id
 from flow_orchestrator._errors import FlowError
 from flow_orchestrator.bus._interceptors import Interceptor
 from flow_orchestrator.runtime._metrics import MetricsInterceptor
+from flow_orchestrator.runtime._span_export import ExportProcessSpanProcessor
 from flow_orchestrator.runtime._tracing import TracingInterceptor
 
 DEFAULT_SERVICE_NAME = "flow-orchestrator"
@@ -129,6 +130,11 @@ def _otlp(signal: str) -> Callable[[], Any]:
     return getattr(exporters, "OTLPSpanExporter" if signal == "traces" else "OTLPMetricExporter")  # type: ignore[no-any-return]
 
 
+def span_exporter(name: str) -> SpanExporter:
+    """A new span exporter for an ``OTEL_TRACES_EXPORTER`` name (``otlp`` or ``console``)."""
+    return _otlp("traces")() if name == "otlp" else ConsoleSpanExporter()
+
+
 def _resource(service_name: str | None) -> Resource:
     """``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_SERVICE_NAME`` win; we add what they leave unset: the
     service name, a unique ``service.instance.id`` and ``process.pid`` (tells workers apart)."""
@@ -145,8 +151,19 @@ def _resource(service_name: str | None) -> Resource:
     return Resource.create({key: value for key, value in ours.items() if key not in configured})
 
 
+def _span_export_in_process(choice: str | None) -> bool:
+    choice = (choice or os.environ.get("FLOW_SPAN_EXPORT") or "process").strip().lower()
+    if choice not in ("process", "thread"):
+        raise TelemetryConfigError(f"FLOW_SPAN_EXPORT={choice!r} is not supported: use process or thread")
+    return choice == "thread"
+
+
 def configure_telemetry(
-    service_name: str | None = None, *, metrics_port: int | None = None, set_global: bool = True
+    service_name: str | None = None,
+    *,
+    metrics_port: int | None = None,
+    set_global: bool = True,
+    span_export: str | None = None,
 ) -> Telemetry | None:
     """Providers, exporters and interceptors as the standard ``OTEL_*`` variables ask, or None (no
     cost at all) when they ask for nothing and ``metrics_port`` is None.
@@ -158,6 +175,10 @@ def configure_telemetry(
       timeouts (``OTEL_EXPORTER_OTLP_*``), batching (``OTEL_BSP_*``), the export interval
       (``OTEL_METRIC_EXPORT_INTERVAL``) and the sampler (``OTEL_TRACES_SAMPLER``) are read by the SDK.
     - ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``: override ``service_name`` and our defaults.
+
+    ``span_export`` (default ``$FLOW_SPAN_EXPORT``, else ``process``): ``process`` encodes and sends
+    spans from a helper process, so the worker's event loop never waits on that work (see
+    ``runtime/_span_export.py``); ``thread`` uses the SDK's ``BatchSpanProcessor`` in this process.
 
     ``set_global`` also makes the providers OpenTelemetry's global ones, so instrumented libraries an
     action uses join the run's trace.
@@ -172,12 +193,14 @@ def configure_telemetry(
     tracer_provider = meter_provider = prometheus = None
     interceptors: list[Interceptor] = []
     if traces:
-        exporters: list[SpanExporter] = [
-            _otlp("traces")() if n == "otlp" else ConsoleSpanExporter() for n in traces
-        ]
         tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        for exporter in exporters:
-            tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        if _span_export_in_process(span_export):
+            for name in traces:
+                tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter(name)))
+        else:
+            if "otlp" in traces:
+                _otlp("traces")  # a missing exporter package is this process's typed error, not the child's
+            tracer_provider.add_span_processor(ExportProcessSpanProcessor(traces, resource))
         interceptors.append(TracingInterceptor(tracer_provider))
     readers: list[MetricReader] = [
         PeriodicExportingMetricReader(_otlp("metrics")() if n == "otlp" else ConsoleMetricExporter())

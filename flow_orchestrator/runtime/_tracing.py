@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, Tracer, TracerProvider
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    StaticSampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -49,13 +58,16 @@ except PackageNotFoundError:  # running from a source tree
 TRACESTATE_KEY = "flow-orchestrator"
 _RUN_END = frozenset({"completed", "failed", "cancelled"})
 PARENT_CACHE = 4096  # runs in flight whose parsed trace context is kept
-_WATCHED = _RUN_END | {"started", "retrying", "lost"}
+_DECISIONS = frozenset({"retrying", "lost", "failed"})  # node events that become decision spans
+_WATCHED = _RUN_END | _DECISIONS | {"started"}
+_RUN_PART = f".{RUN_TOKEN}."
 _MESSAGING: dict[str, AttributeValue] = {
     "messaging.system": "nats",
     "messaging.operation.type": "process",
     "messaging.operation.name": "process",
 }
 _propagator = TraceContextTextMapPropagator()
+_SAMPLED, _NOT_SAMPLED = TraceFlags(TraceFlags.SAMPLED), TraceFlags(TraceFlags.DEFAULT)
 
 
 def remember(cache: OrderedDict[Any, Any], key: Any, value: Any, capacity: int) -> None:
@@ -137,15 +149,16 @@ class TracingInterceptor(Interceptor):
         self._capacity = capacity
         self._ended: OrderedDict[str, None] = OrderedDict()  # runs whose root this worker emitted
         self._scope = InstrumentationScope(INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION)
-        self._parents: OrderedDict[Any, Context] = OrderedDict()
+        self._parents: OrderedDict[Any, RunTrace] = OrderedDict()
 
-    def _parent_of(self, headers: Mapping[str, str]) -> Context:
-        """The run's context from a message's headers. Every step of a run carries the same
+    def _parent_of(self, headers: Mapping[str, str]) -> RunTrace:
+        """The run's trace context from a message's headers. Every step of a run carries the same
         traceparent, so the parsed context is cached (bounded) instead of parsed at each step."""
         key = (headers.get("traceparent"), headers.get("tracestate"))
         found = self._parents.get(key)
         if found is None:
-            found = _propagator.extract(headers)
+            context = _propagator.extract(headers)
+            found = RunTrace(context, trace_api.get_current_span(context).get_span_context())
             remember(self._parents, key, found, PARENT_CACHE)
         return found
 
@@ -183,38 +196,46 @@ class TracingInterceptor(Interceptor):
         tracer = self._sdk_tracer()
         if tracer is None:
             return await call_next(input)
-        with tracer.start_as_current_span(
+        run = self._parent_of(input.headers)
+        span = start_light_span(
+            tracer,
+            self._scope,
             f"{input.workflow}.{input.node}",
-            context=self._parent_of(input.headers),
-            kind=SpanKind.CONSUMER,
-            attributes={
+            run,
+            {
                 "messaging.system": "nats",
                 "workflow": input.workflow,
                 "run_id": input.run_id,
                 "node": input.node,
                 "attempt": input.attempt,
             },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            try:
-                output = await call_next(input)
-            except Exception as exc:
-                span.record_exception(exc)
-                span.set_attributes({"outcome": "failed", "error.type": type(exc).__qualname__})
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-                raise
-            except BaseException:
-                span.set_attribute("outcome", "cancelled")  # the run was cancelled or the worker stopped
-                raise
+        )
+        token = context_api.attach(trace_api.set_span_in_context(span, run.context))
+        try:
+            output = await call_next(input)
+        except Exception as exc:
+            span.record_exception(exc)
+            span.set_attributes({"outcome": "failed", "error.type": type(exc).__qualname__})
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        except BaseException:
+            span.set_attribute("outcome", "cancelled")  # the run was cancelled or the worker stopped
+            raise
+        else:
             span.set_attribute("outcome", "completed")
             return output
+        finally:
+            context_api.detach(token)
+            span.end()
 
     async def publish(self, input: PublishInput, call_next: PublishCall) -> None:
         await call_next(input)
         subject = input.subject
-        if input.duplicate or subject[subject.rfind(".") + 1 :] not in _WATCHED:
+        kind = subject[subject.rfind(".") + 1 :]
+        if input.duplicate or kind not in _WATCHED:
             return  # a repeat JetStream already had (a redelivery's re-announcement) counts once
+        if kind not in _DECISIONS and _RUN_PART not in subject:
+            return  # a node's own started/completed: its attempt span already tells it
         tracer = self._sdk_tracer()
         parts = subject.split(".")
         if tracer is None or len(parts) != 6 or parts[1] != "evt":
@@ -224,28 +245,28 @@ class TracingInterceptor(Interceptor):
         try:
             if seen.node == RUN_TOKEN:
                 self._run_event(tracer, seen)
-            elif seen.kind in ("retrying", "lost", "failed"):
+            elif seen.kind in _DECISIONS:
                 _decision_span(tracer, seen)
         except Exception:  # telemetry must never change what the engine does
             log.warning("tracing: could not record %s", subject, exc_info=True)
 
     def _run_event(self, tracer: Tracer, seen: _Seen) -> None:
-        root = trace_api.get_current_span(_propagator.extract(seen.headers)).get_span_context()
+        run = self._parent_of(seen.headers)
+        root = run.parent
         marker = root.trace_state.get(TRACESTATE_KEY) or ""
         if not root.is_valid or not marker.startswith(f"{root.span_id:016x}"):
             return  # no trace, or a traceparent this interceptor did not promise
         if seen.kind == "started":
-            attributes = {
+            attributes: dict[str, AttributeValue] = {
                 **_MESSAGING,
                 "messaging.destination.name": f"{seen.prefix}.trigger.{seen.workflow}",
+                "workflow": seen.workflow,
+                "run_id": seen.run_id,
             }
-            tracer.start_span(
-                f"run {seen.workflow} started",
-                context=trace_api.set_span_in_context(NonRecordingSpan(root)),
-                kind=SpanKind.CONSUMER,
-                attributes={**attributes, "workflow": seen.workflow, "run_id": seen.run_id},
-                start_time=_ns(seen.payload.get("created_at")),  # the root's start: the span stays inside it
-            ).end()
+            name = f"run {seen.workflow} started"
+            # It starts when the root does (the run's creation), so it stays inside the root.
+            start = _ns(seen.payload.get("created_at"))
+            start_light_span(tracer, self._scope, name, run, attributes, start_time=start).end()
         elif seen.kind in _RUN_END and root.trace_flags.sampled and seen.run_id not in self._ended:
             remember(self._ended, seen.run_id, None, self._capacity)
             start, end = _ns(seen.payload.get("created_at")), _ns(seen.payload.get("finished_at"))
@@ -298,6 +319,183 @@ class TracingInterceptor(Interceptor):
             instrumentation_scope=self._scope,
         )
         tracer.span_processor.on_end(span)
+
+
+def _valid_attribute(value: Any) -> bool:
+    if isinstance(value, str | bool | int | float):
+        return True
+    return isinstance(value, list | tuple) and all(isinstance(v, str | bool | int | float) for v in value)
+
+
+class AttemptSpan(trace_api.Span):
+    """A node attempt's span: the current span while the action runs (instrumented libraries nest
+    under it, and ``trace.get_current_span()`` in an action records on it), handed to the
+    provider's span processors as a ``ReadableSpan`` when it ends.
+
+    It does what the SDK's ``Span`` does for this one use at a fraction of its cost per attempt (no
+    lock, no bounded containers, no ``on_start`` calls); attribute values of a type OTLP cannot
+    carry are dropped, as the SDK drops them.
+    """
+
+    __slots__ = (
+        "_attributes",
+        "_context",
+        "_ended",
+        "_events",
+        "_links",
+        "_name",
+        "_parent",
+        "_scope",
+        "_start",
+        "_status",
+        "_tracer",
+    )
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        scope: InstrumentationScope,
+        name: str,
+        *,
+        context: SpanContext,
+        parent: SpanContext | None,
+        attributes: dict[str, AttributeValue],
+        start_time: int | None = None,
+    ) -> None:
+        self._tracer, self._scope, self._name = tracer, scope, name
+        self._context, self._parent, self._attributes = context, parent, attributes
+        self._events: list[Event] = []
+        self._links: list[trace_api.Link] = []
+        self._status = Status(StatusCode.UNSET)
+        self._start = start_time or time.time_ns()
+        self._ended = False
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return not self._ended
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if not self._ended and _valid_attribute(value):
+            self._attributes[key] = tuple(value) if isinstance(value, list) else value
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
+        if not self._ended:
+            self._events.append(Event(name, attributes, timestamp or time.time_ns()))
+
+    def add_link(self, context: SpanContext, attributes: Any = None) -> None:
+        if not self._ended and context.is_valid:
+            self._links.append(trace_api.Link(context, attributes))
+
+    def update_name(self, name: str) -> None:
+        if not self._ended:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._ended or self._status.status_code is StatusCode.OK:
+            return  # OK is final, as in the SDK
+        self._status = status if isinstance(status, Status) else Status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Any = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        kind = type(exception)
+        module = kind.__module__
+        details: dict[str, AttributeValue] = {
+            "exception.type": f"{module}.{kind.__qualname__}" if module != "builtins" else kind.__qualname__,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        self.add_event("exception", {**details, **(attributes or {})}, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        span = ReadableSpan(
+            name=self._name,
+            context=self._context,
+            parent=self._parent,
+            resource=self._tracer.resource,
+            attributes=self._attributes,
+            events=self._events,
+            links=self._links,
+            kind=SpanKind.CONSUMER,
+            status=self._status,
+            start_time=self._start,
+            end_time=end_time or time.time_ns(),
+            instrumentation_scope=self._scope,
+        )
+        self._tracer.span_processor.on_end(span)
+
+
+@dataclass(slots=True)
+class RunTrace:
+    """A run's trace context as its messages carry it, parsed once per run (per worker)."""
+
+    context: Context  # what the headers hold, as an OpenTelemetry context
+    parent: SpanContext  # the run's span context: the parent of the spans the run's steps start
+    sampling: SamplingResult | None = None  # the sampler's answer for those spans, when reusable
+
+
+def _decides_by_parent(sampler: Sampler) -> bool:
+    """Whether ``sampler`` answers alike for every child of one parent (the SDK's samplers look at
+    the parent and the trace id only): then its answer for a run's first span holds for the rest."""
+    if isinstance(sampler, ParentBased):
+        return all(_decides_by_parent(s) for s in vars(sampler).values() if isinstance(s, Sampler))
+    return isinstance(sampler, StaticSampler | TraceIdRatioBased)
+
+
+def start_light_span(
+    tracer: Tracer,
+    scope: InstrumentationScope,
+    name: str,
+    run: RunTrace,
+    attributes: dict[str, AttributeValue],
+    *,
+    start_time: int | None = None,
+) -> trace_api.Span:
+    """An :class:`AttemptSpan` that is a child of the run's span, or a non-recording span when the
+    sampler says so (asked once per run when its answer cannot change)."""
+    parent = run.parent
+    trace_id = parent.trace_id if parent.is_valid else tracer.id_generator.generate_trace_id()
+    sampling = run.sampling
+    if sampling is None:
+        sampling = tracer.sampler.should_sample(run.context, trace_id, name, SpanKind.CONSUMER, attributes)
+        if sampling.attributes:  # a sampler answers with the span's attributes (the SDK uses them)
+            attributes = {**attributes, **sampling.attributes}
+        if parent.is_valid and _decides_by_parent(tracer.sampler):
+            # Keep the decision and trace state only: the attributes were this span's.
+            run.sampling = SamplingResult(sampling.decision, None, sampling.trace_state)
+    sampled = sampling.decision is Decision.RECORD_AND_SAMPLE
+    context = SpanContext(
+        trace_id,
+        tracer.id_generator.generate_span_id(),
+        is_remote=False,
+        trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
+        trace_state=sampling.trace_state,
+    )
+    if sampling.decision is Decision.DROP:
+        return NonRecordingSpan(context)
+    return AttemptSpan(
+        tracer,
+        scope,
+        name,
+        context=context,
+        parent=parent if parent.is_valid else None,
+        attributes=attributes,
+        start_time=start_time,
+    )
 
 
 def _decision_span(tracer: Tracer, seen: _Seen) -> None:
