@@ -155,7 +155,7 @@ def _span_export_in_process(choice: str | None) -> bool:
     choice = (choice or os.environ.get("FLOW_SPAN_EXPORT") or "process").strip().lower()
     if choice not in ("process", "thread"):
         raise TelemetryConfigError(f"FLOW_SPAN_EXPORT={choice!r} is not supported: use process or thread")
-    return choice == "thread"
+    return choice == "thread" or os.name != "posix"  # the export process needs POSIX pipes
 
 
 def configure_telemetry(

@@ -327,29 +327,15 @@ def _valid_attribute(value: Any) -> bool:
     return isinstance(value, list | tuple) and all(isinstance(v, str | bool | int | float) for v in value)
 
 
-class AttemptSpan(trace_api.Span):
-    """A node attempt's span: the current span while the action runs (instrumented libraries nest
-    under it, and ``trace.get_current_span()`` in an action records on it), handed to the
-    provider's span processors as a ``ReadableSpan`` when it ends.
+class AttemptSpan(trace_api.Span, ReadableSpan):
+    """A span this interceptor starts (a node attempt, a run's "started"): the current span while
+    the action runs (instrumented libraries nest under it, and ``trace.get_current_span()`` in an
+    action records on it), and, once ended, the ``ReadableSpan`` the provider's processors get.
 
     It does what the SDK's ``Span`` does for this one use at a fraction of its cost per attempt (no
     lock, no bounded containers, no ``on_start`` calls); attribute values of a type OTLP cannot
     carry are dropped, as the SDK drops them.
     """
-
-    __slots__ = (
-        "_attributes",
-        "_context",
-        "_ended",
-        "_events",
-        "_links",
-        "_name",
-        "_parent",
-        "_scope",
-        "_start",
-        "_status",
-        "_tracer",
-    )
 
     def __init__(
         self,
@@ -362,22 +348,32 @@ class AttemptSpan(trace_api.Span):
         attributes: dict[str, AttributeValue],
         start_time: int | None = None,
     ) -> None:
-        self._tracer, self._scope, self._name = tracer, scope, name
-        self._context, self._parent, self._attributes = context, parent, attributes
+        ReadableSpan.__init__(
+            self,
+            name=name,
+            context=context,
+            parent=parent,
+            resource=tracer.resource,
+            attributes=attributes,
+            events=[],
+            links=[],
+            kind=SpanKind.CONSUMER,
+            start_time=start_time or time.time_ns(),
+            instrumentation_scope=scope,
+        )
+        self._processor = tracer.span_processor
+        self._attributes: dict[str, AttributeValue] = attributes
         self._events: list[Event] = []
         self._links: list[trace_api.Link] = []
-        self._status = Status(StatusCode.UNSET)
-        self._start = start_time or time.time_ns()
-        self._ended = False
 
     def get_span_context(self) -> SpanContext:
-        return self._context
+        return self._context  # type: ignore[return-value]  # always set: __init__ requires it
 
     def is_recording(self) -> bool:
-        return not self._ended
+        return self._end_time is None
 
     def set_attribute(self, key: str, value: Any) -> None:
-        if not self._ended and _valid_attribute(value):
+        if self._end_time is None and _valid_attribute(value):
             self._attributes[key] = tuple(value) if isinstance(value, list) else value
 
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
@@ -385,19 +381,19 @@ class AttemptSpan(trace_api.Span):
             self.set_attribute(key, value)
 
     def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
-        if not self._ended:
+        if self._end_time is None:
             self._events.append(Event(name, attributes, timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: Any = None) -> None:
-        if not self._ended and context.is_valid:
+        if self._end_time is None and context.is_valid:
             self._links.append(trace_api.Link(context, attributes))
 
     def update_name(self, name: str) -> None:
-        if not self._ended:
+        if self._end_time is None:
             self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._ended or self._status.status_code is StatusCode.OK:
+        if self._end_time is not None or self._status.status_code is StatusCode.OK:
             return  # OK is final, as in the SDK
         self._status = status if isinstance(status, Status) else Status(status, description)
 
@@ -419,24 +415,9 @@ class AttemptSpan(trace_api.Span):
         self.add_event("exception", {**details, **(attributes or {})}, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        span = ReadableSpan(
-            name=self._name,
-            context=self._context,
-            parent=self._parent,
-            resource=self._tracer.resource,
-            attributes=self._attributes,
-            events=self._events,
-            links=self._links,
-            kind=SpanKind.CONSUMER,
-            status=self._status,
-            start_time=self._start,
-            end_time=end_time or time.time_ns(),
-            instrumentation_scope=self._scope,
-        )
-        self._tracer.span_processor.on_end(span)
+        if self._end_time is None:
+            self._end_time = end_time or time.time_ns()
+            self._processor.on_end(self)
 
 
 @dataclass(slots=True)
