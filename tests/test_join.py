@@ -9,6 +9,7 @@ import nats.errors
 import pytest
 
 from flow_orchestrator.actors._join import JoinBook, JoinNotRecorded
+from flow_orchestrator.bus import _journal, encode
 from flow_orchestrator.testing import LocalEnvironment
 
 
@@ -64,3 +65,74 @@ async def test_an_arrival_whose_write_never_landed_is_not_acknowledged(
     monkeypatch.setattr(store, "mutate", stale_mutate)
     with pytest.raises(JoinNotRecorded):
         await book.arrive("join.r2.n", "b", 7)
+
+
+async def test_two_books_racing_on_one_join_start_from_what_they_wrote(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker's book guesses the key is as it last wrote it (absent at first): a right guess
+    saves the read, a wrong one (the other worker wrote) costs a conflict and a read, never an
+    arrival."""
+    env: LocalEnvironment = await env_factory([])
+    store = env.client.store
+    reads = 0
+    real_get = store.get
+
+    async def counted_get(key: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real_get(key)
+
+    monkeypatch.setattr(store, "get", counted_get)
+    needed = {"a", "b", "c", "d"}
+    one, two = JoinBook(store, needed), JoinBook(store, needed)
+    assert await one.arrive("join.r2.n", "a", 1) == {"arrived": ["a"], "holder": None}
+    assert reads == 0  # created without reading: the guess "absent" was right
+    assert await one.arrive("join.r2.n", "b", 2) == {"arrived": ["a", "b"], "holder": None}
+    assert reads == 0  # updated from the revision it wrote
+    third = await two.arrive("join.r2.n", "c", 3)  # the other book guessed "absent": wrong
+    assert third == {"arrived": ["a", "b", "c"], "holder": None}
+    assert reads >= 1
+    reads = 0
+    last = await one.arrive("join.r2.n", "d", 4)  # one's guess is stale now: conflict, read, retry
+    assert last == {"arrived": ["a", "b", "c", "d"], "holder": 4}
+    assert reads >= 1
+    stored = await real_get("join.r2.n")
+    assert stored is not None
+    assert stored.value == last
+
+
+async def test_a_batched_read_returns_each_subjects_last_event(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env: LocalEnvironment = await env_factory([])
+    bus, names = env.client.bus, env.names
+    subjects = [names.event("wf", "r3", f"n{i}", "completed") for i in range(7)]
+    for i, subject in enumerate(subjects[:6]):  # n6 never completed
+        await bus.js.publish(subject, encode({"output": i}))
+    await bus.js.publish(subjects[0], encode({"output": "later"}))  # the last one counts
+    monkeypatch.setattr(_journal, "MULTI_LAST_LIMIT", 3)  # three batches
+    found = await _journal.last_events(bus.nc, bus.js, names.events_stream, subjects)
+    assert found == {
+        **{subject: {"output": i} for i, subject in enumerate(subjects[:6])},
+        subjects[0]: {"output": "later"},
+        subjects[6]: None,
+    }
+
+
+async def test_a_batched_read_falls_back_to_the_leader_for_what_it_missed(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a (lagging) replica did not return is read from the leader, one by one."""
+    env: LocalEnvironment = await env_factory([])
+    bus, names = env.client.bus, env.names
+    subjects = [names.event("wf", "r4", f"n{i}", "completed") for i in range(3)]
+    for i, subject in enumerate(subjects):
+        await bus.js.publish(subject, encode({"output": i}))
+
+    async def lagging(nc: Any, api: str, asked: list[str], wait: float) -> dict[str, Any]:
+        return {asked[0]: {"output": 0}}  # as if the replica had only the first
+
+    monkeypatch.setattr(_journal, "_multi_last", lagging)
+    found = await _journal.last_events(bus.nc, bus.js, names.events_stream, subjects)
+    assert found == {subject: {"output": i} for i, subject in enumerate(subjects)}

@@ -10,11 +10,15 @@ key's lock, so the only races left are between workers.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Set
 from typing import Any
 
+from flow_orchestrator._bounded import remember
 from flow_orchestrator._errors import FlowError
-from flow_orchestrator.bus._kv import StateStore
+from flow_orchestrator.bus._kv import StateStore, Versioned
+
+WRITTEN_KEYS = 4096  # join keys whose last write this worker remembers
 
 
 class JoinNotRecorded(FlowError):
@@ -32,6 +36,10 @@ class JoinBook:
         self._locks: dict[str, asyncio.Lock] = {}
         self._latest: dict[str, dict[str, Any] | None] = {}
         self._users: dict[str, int] = {}
+        # What this worker last wrote to each recent join key: the next write's compare-and-set
+        # starts from it instead of reading the key first (one round trip less when no other worker
+        # wrote in between). A key never seen is guessed absent: most joins start with a create.
+        self._written: OrderedDict[str, Versioned] = OrderedDict()
 
     async def arrive(self, key: str, source: str, seq: int) -> dict[str, Any] | None:
         self._waiting.setdefault(key, {}).setdefault(source, seq)
@@ -76,8 +84,9 @@ class JoinBook:
                 winner = holder
             return {"arrived": arrived, "holder": winner}
 
-        written, _ = await self._store.mutate(key, add)
-        if written is not None:
+        written, revision = await self._store.mutate(key, add, guess=self._written.get(key))
+        if written is not None and revision is not None:
+            remember(self._written, key, Versioned(written, revision), WRITTEN_KEYS)
             return written
         current = await self._store.get(key)  # nothing new: a redelivery; report what is recorded
         return current.value if current is not None else None

@@ -34,7 +34,7 @@ from flow_orchestrator.actors._faults import crash_point
 from flow_orchestrator.actors._join import JoinBook
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode
-from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event
+from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event, last_events
 from flow_orchestrator.bus._propagation import trace_headers
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.bus.types import ExecuteNodeInput
@@ -146,15 +146,12 @@ class NodeActor(Actor):
 
     async def _gather_outputs(self, run_id: str, known: dict[str, Any]) -> dict[str, Any]:
         missing = [up for up in self.node.upstreams if up not in known]
-        stream, names, wf = self.system.names.events_stream, self.system.names, self.definition.name
-        found = await asyncio.gather(
-            *(
-                last_event(self.system.bus.js, stream, names.event(wf, run_id, up, "completed"))
-                for up in missing
-            )
-        )
+        names, wf, bus = self.system.names, self.definition.name, self.system.bus
+        subjects = {up: names.event(wf, run_id, up, "completed") for up in missing}
+        found = await last_events(bus.nc, bus.js, names.events_stream, list(subjects.values()))
         outputs = dict(known)
-        for up, event in zip(missing, found, strict=True):
+        for up, subject in subjects.items():
+            event = found.get(subject)
             outputs[up] = event.get("output") if event is not None else None
         return {up: outputs.get(up) for up in self.node.upstreams}
 

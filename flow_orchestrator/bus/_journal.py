@@ -7,9 +7,14 @@ completion per node per run, ever) and the event the downstream nodes consume. O
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+from collections.abc import Sequence
 from typing import Any
 
 import nats.js.errors as js_errors
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -41,6 +46,60 @@ async def last_event(
         return None
     payload = decode(msg.data) if msg.data else {}
     return payload if isinstance(payload, dict) else {"value": payload}
+
+
+MULTI_LAST_LIMIT = 1024  # subjects per batched direct get (the server's limit)
+_END_OF_BATCH = ("204", "404", "408", "413")  # end of batch, nothing found, timed out, too many
+
+
+async def last_events(
+    nc: NatsClient, js: JetStreamContext, stream: str, subjects: Sequence[str], *, wait: float = 5.0
+) -> dict[str, dict[str, Any] | None]:
+    """The last event on each of ``subjects`` (``None`` where there is none), in one batched direct
+    get per :data:`MULTI_LAST_LIMIT` subjects instead of a request per subject; ``wait`` bounds each.
+
+    A direct get may be answered by a replica; one that lags behind may not have a message the leader
+    has. So every subject the batch did not return is read again from the leader: the answer is the
+    leader's, whichever replica replied. Use it for subjects that are written once (completions).
+    """
+    found: dict[str, dict[str, Any] | None] = {}
+    api = f"{getattr(js, '_prefix', '$JS.API')}.DIRECT.GET.{stream}"  # nats-py keeps the prefix private
+    for start in range(0, len(subjects), MULTI_LAST_LIMIT):
+        chunk = list(subjects[start : start + MULTI_LAST_LIMIT])
+        found.update(await _multi_last(nc, api, chunk, wait))
+    missing = [subject for subject in subjects if subject not in found]
+    answers = await asyncio.gather(*(last_event(js, stream, subject) for subject in missing))
+    found.update(zip(missing, answers, strict=True))
+    return found
+
+
+async def _multi_last(
+    nc: NatsClient, api_subject: str, subjects: list[str], wait: float
+) -> dict[str, dict[str, Any]]:
+    """One ``multi_last`` direct get (ADR-31): the server streams a message per subject it has, then
+    an end-of-batch status. An incomplete answer (timeout, error) yields what arrived."""
+    found: dict[str, dict[str, Any]] = {}
+    ended = asyncio.Event()
+
+    async def collect(msg: Msg) -> None:
+        headers = msg.headers or {}
+        subject = headers.get("Nats-Subject")
+        if subject is not None and "Status" not in headers:
+            payload = decode(msg.data) if msg.data else {}
+            found[subject] = payload if isinstance(payload, dict) else {"value": payload}
+        elif headers.get("Status") in _END_OF_BATCH or not msg.data:
+            ended.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=collect)
+    try:
+        request = json.dumps({"multi_last": subjects, "batch": len(subjects)}).encode()
+        await nc.publish(api_subject, request, reply=inbox)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), wait)
+    finally:
+        await sub.unsubscribe()
+    return found
 
 
 async def read_messages(js: JetStreamContext, stream: str, subject: str, batch: int = 512) -> list[Msg]:

@@ -30,6 +30,13 @@ class Versioned:
     revision: int
 
 
+class Unknown:
+    """No guess at a key's current value: read it."""
+
+
+UNKNOWN = Unknown()
+
+
 def _is_conflict(exc: BaseException) -> bool:
     if isinstance(exc, js_errors.KeyWrongLastSequenceError):
         return True
@@ -98,14 +105,17 @@ class StateStore:
         change: Callable[[Any | None], Awaitable[T | None]] | Callable[[Any | None], T | None],
         *,
         attempts: int = 50,
+        guess: Versioned | Unknown | None = UNKNOWN,
     ) -> tuple[T | None, int | None]:
         """Read-modify-write with retries on conflict.
 
         ``change`` receives the current value (``None`` if absent) and returns the new value, or
         ``None`` to leave the key alone. Returns the value written (or ``None``) and its revision.
+        ``guess`` (what the caller last wrote, or ``None``: absent) saves the first read; a wrong
+        guess costs a conflict, after which the key is read as usual.
         """
         for attempt in range(attempts):
-            current = await self.get(key)
+            current = await self.get(key) if attempt or isinstance(guess, Unknown) else guess
             result = change(current.value if current else None)
             new = await result if isinstance(result, Awaitable) else result
             if new is None:

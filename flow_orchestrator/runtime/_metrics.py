@@ -13,10 +13,11 @@ from typing import Any
 
 from opentelemetry import metrics
 
+from flow_orchestrator._bounded import remember
 from flow_orchestrator.bus._interceptors import Interceptor
 from flow_orchestrator.bus._subjects import RUN_TOKEN, TRIGGER_TOKEN
 from flow_orchestrator.bus.types import ExecuteNodeInput, NodeCall, PublishCall, PublishInput
-from flow_orchestrator.runtime._tracing import INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION, remember
+from flow_orchestrator.runtime._tracing import INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION
 
 # Seconds: from a millisecond step to a long action (the SDK's default buckets are for milliseconds).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)

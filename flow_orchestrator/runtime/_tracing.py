@@ -33,6 +33,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
+from flow_orchestrator._bounded import remember
 from flow_orchestrator.bus._interceptors import Interceptor
 from flow_orchestrator.bus._subjects import RUN_TOKEN
 from flow_orchestrator.bus.types import (
@@ -68,14 +69,6 @@ _MESSAGING: dict[str, AttributeValue] = {
 }
 _propagator = TraceContextTextMapPropagator()
 _SAMPLED, _NOT_SAMPLED = TraceFlags(TraceFlags.SAMPLED), TraceFlags(TraceFlags.DEFAULT)
-
-
-def remember(cache: OrderedDict[Any, Any], key: Any, value: Any, capacity: int) -> None:
-    """Put ``key`` in a bounded insertion-ordered cache, dropping the oldest entries."""
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > capacity:
-        cache.popitem(last=False)
 
 
 def _ns(seconds: Any) -> int:
