@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from flow_orchestrator import NodeContext, NodeStatus, RetryPolicy, RunFailed, StorageSettings, Workflow
+from flow_orchestrator.actors._system import RunGate
 from flow_orchestrator.runtime._resume import RunNotRetryable
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
@@ -212,3 +213,21 @@ async def test_finished_runs_expire_but_the_workflow_registry_stays(env_factory:
     # the TTL, and new runs still start.
     assert await store.get(names.workflow_key("shortlived")) is not None
     assert await env.client.run("shortlived", {}) == 1
+
+
+async def test_the_run_gate_cancels_every_attempt_it_tracks() -> None:
+    gate = RunGate()
+    sleepers = [asyncio.create_task(asyncio.sleep(30)) for _ in range(3)]
+    gate.track("r1", sleepers[0])
+    gate.track("r1", sleepers[1])  # a second attempt of the same run on this worker
+    gate.track("r2", sleepers[2])
+    gate.untrack("r1", sleepers[1])
+    gate.track("r1", sleepers[1])
+    gate.close("r1", "cancelled")
+    gate.close("r2", "failed")  # a failed run's attempts are not cancelled
+    await asyncio.sleep(0)
+    assert [task.cancelled() for task in sleepers] == [True, True, False]
+    gate.untrack("r2", sleepers[2])
+    gate.untrack("r2", sleepers[2])  # twice is harmless
+    sleepers[2].cancel()
+    assert gate.closed("r1") == "cancelled"

@@ -106,10 +106,18 @@ class NodeActor(Actor):
 
     # --- receiving ------------------------------------------------------------------------------
     async def receive(self, msg: Msg) -> None:
+        # The attempt is worked out in its own frame, so the decoded message and the subject's parts
+        # are not kept alive for as long as the action runs (memory per held run).
+        attempt = await self._attempt_for(msg)
+        if attempt is not None:
+            await self._run_attempt(msg, attempt)
+
+    async def _attempt_for(self, msg: Msg) -> Attempt | None:
+        """The attempt ``msg`` starts, or None (acknowledged) when it starts none."""
         _, run_id, source, kind = parse_event_subject(msg.subject)
         if self.system.gate.closed(run_id) and not await self.system.reopened(run_id):
             await msg.ack()
-            return
+            return None
         payload = decode(msg.data)
         meta = msg.metadata
         redelivered = meta.num_delivered - 1
@@ -125,13 +133,13 @@ class NodeActor(Actor):
             joined = await self._join(run_id, source, payload, int(meta.sequence.stream))
             if joined is None:
                 await msg.ack()
-                return
+                return None
             attempt = joined
         attempt.trace = trace_headers(msg.headers)
         if redelivered and not await self._resume(attempt, redelivered):
             await msg.ack()
-            return
-        await self._run_attempt(msg, attempt)
+            return None
+        return attempt
 
     async def _join(self, run_id: str, source: str, payload: dict[str, Any], seq: int) -> Attempt | None:
         """Several upstreams: record the arrival (coalesced with others waiting in this worker); the
@@ -186,9 +194,7 @@ class NodeActor(Actor):
             raw_input=attempt.raw_input,
             input_model=self.definition.input_model,
             outputs=attempt.outputs,
-            data=WorkflowData(
-                self.system.store, attempt.run_id, outputs=functools.partial(self._output_of, attempt.run_id)
-            ),
+            data=functools.partial(self._data_of, attempt.run_id),
         )
         request = ExecuteNodeInput(
             workflow=self.definition.name,
@@ -295,6 +301,9 @@ class NodeActor(Actor):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         await publish()  # a last try whose error reaches the actor's error policy
+
+    def _data_of(self, run_id: str) -> WorkflowData:
+        return WorkflowData(self.system.store, run_id, outputs=functools.partial(self._output_of, run_id))
 
     async def _output_of(self, run_id: str, node: str) -> Any:
         if node not in self.definition.nodes:

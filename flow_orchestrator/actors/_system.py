@@ -39,7 +39,9 @@ class RunGate:
     def __init__(self, capacity: int = 100_000) -> None:
         self._closed: OrderedDict[str, str] = OrderedDict()
         self._capacity = capacity
-        self._attempts: dict[str, set[asyncio.Task[Any]]] = {}
+        # A run's attempt tasks on this worker: one task as itself (the usual case, and a set costs
+        # ~200 bytes a run when 10,000 runs are held), several as a set.
+        self._attempts: dict[str, asyncio.Task[Any] | set[asyncio.Task[Any]]] = {}
 
     def close(self, run_id: str, status: str) -> None:
         self._closed[run_id] = status
@@ -47,7 +49,8 @@ class RunGate:
         while len(self._closed) > self._capacity:
             self._closed.popitem(last=False)
         if status == "cancelled":
-            for task in self._attempts.pop(run_id, set()):
+            held = self._attempts.pop(run_id, set())
+            for task in held if isinstance(held, set) else (held,):
                 task.cancel("run cancelled")
 
     def closed(self, run_id: str) -> str | None:
@@ -57,14 +60,22 @@ class RunGate:
         self._closed.pop(run_id, None)
 
     def track(self, run_id: str, task: asyncio.Task[Any]) -> None:
-        self._attempts.setdefault(run_id, set()).add(task)
+        held = self._attempts.setdefault(run_id, task)
+        if held is task:
+            return
+        if isinstance(held, set):
+            held.add(task)
+        else:
+            self._attempts[run_id] = {held, task}
 
     def untrack(self, run_id: str, task: asyncio.Task[Any]) -> None:
-        tasks = self._attempts.get(run_id)
-        if tasks is not None:
-            tasks.discard(task)
-            if not tasks:
-                del self._attempts[run_id]
+        held = self._attempts.get(run_id)
+        if held is task:
+            del self._attempts[run_id]
+        elif isinstance(held, set):
+            held.discard(task)
+            if len(held) == 1:
+                self._attempts[run_id] = held.pop()
 
 
 class ActorSystem:

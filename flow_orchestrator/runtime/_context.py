@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flow_orchestrator._errors import FlowError
@@ -17,13 +17,15 @@ class NodeContext:
     actions can hand it to external systems (payment APIs, emails) and make their effects exactly-once.
     """
 
+    # ``data`` and ``log`` are made on first use: a worker holding 10,000 runs in their actions
+    # would otherwise hold 10,000 of each that most actions never touch.
     __slots__ = (
+        "_data",
         "_input",
         "_input_model",
+        "_log",
         "_raw_input",
         "attempt",
-        "data",
-        "log",
         "node",
         "outputs",
         "run_id",
@@ -40,7 +42,7 @@ class NodeContext:
         raw_input: Any,
         input_model: type[Any] | None,
         outputs: Mapping[str, Any],
-        data: WorkflowData,
+        data: WorkflowData | Callable[[], WorkflowData],
     ) -> None:
         self.workflow = workflow
         self.run_id = run_id
@@ -50,10 +52,23 @@ class NodeContext:
         self._input_model = input_model
         self._input: Any = _UNSET if input_model is not None else raw_input
         self.outputs = outputs
-        self.data = data
-        self.log = logging.LoggerAdapter(
-            _log, {"workflow": workflow, "run_id": run_id, "node": node, "attempt": attempt}
-        )
+        self._data = data
+        self._log: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def data(self) -> WorkflowData:
+        """The run's shared data (``WorkflowData``, in the KV bucket)."""
+        if not isinstance(self._data, WorkflowData):
+            self._data = self._data()
+        return self._data
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry the run's workflow, run id, node and attempt."""
+        if self._log is None:
+            fields = {"workflow": self.workflow, "run_id": self.run_id, "node": self.node}
+            self._log = logging.LoggerAdapter(_log, {**fields, "attempt": self.attempt})
+        return self._log
 
     @property
     def input(self) -> Any:
