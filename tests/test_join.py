@@ -8,6 +8,7 @@ from typing import Any
 import nats.errors
 import pytest
 
+from flow_orchestrator import NodeContext, Workflow
 from flow_orchestrator.actors._join import JoinBook, JoinNotRecorded
 from flow_orchestrator.bus import _journal, encode
 from flow_orchestrator.testing import LocalEnvironment
@@ -37,13 +38,14 @@ async def test_a_failed_batched_write_loses_no_arrival(
     b = asyncio.create_task(book.arrive("join.r1.n", "b", 2))
     c = asyncio.create_task(book.arrive("join.r1.n", "c", 3))
     results = await asyncio.gather(a, b, c, return_exceptions=True)
-    assert results[0] == {"arrived": ["a"], "holder": None}
+    assert results[0] == {"arrived": ["a"], "holder": None, "outputs": {}}
     assert isinstance(results[1], nats.errors.TimeoutError)  # b is not acknowledged: it comes back
     # c's arrival rode in b's failed batch: it was handed back and written by c, with b's, so c's
     # message completes the set and wins the join.
-    assert results[2] == {"arrived": ["a", "c", "b"], "holder": 3} or results[2] == {
+    assert results[2] == {"arrived": ["a", "c", "b"], "holder": 3, "outputs": {}} or results[2] == {
         "arrived": ["a", "b", "c"],
         "holder": 3,
+        "outputs": {},
     }
     # b's redelivery finds its arrival recorded and another message holding the join.
     again = await book.arrive("join.r1.n", "b", 2)
@@ -57,7 +59,7 @@ async def test_an_arrival_whose_write_never_landed_is_not_acknowledged(
     env: LocalEnvironment = await env_factory([])
     store = env.client.store
     book = JoinBook(store, {"a", "b"})
-    latest = {"arrived": ["a"], "holder": None}
+    latest = {"arrived": ["a"], "holder": None, "outputs": {}}
 
     async def stale_mutate(key: str, change: Any, **options: Any) -> Any:
         return latest, 1  # a write that does not include this arrival (it must not be trusted)
@@ -86,16 +88,16 @@ async def test_two_books_racing_on_one_join_start_from_what_they_wrote(
     monkeypatch.setattr(store, "get", counted_get)
     needed = {"a", "b", "c", "d"}
     one, two = JoinBook(store, needed), JoinBook(store, needed)
-    assert await one.arrive("join.r2.n", "a", 1) == {"arrived": ["a"], "holder": None}
+    assert await one.arrive("join.r2.n", "a", 1) == {"arrived": ["a"], "holder": None, "outputs": {}}
     assert reads == 0  # created without reading: the guess "absent" was right
-    assert await one.arrive("join.r2.n", "b", 2) == {"arrived": ["a", "b"], "holder": None}
+    assert await one.arrive("join.r2.n", "b", 2) == {"arrived": ["a", "b"], "holder": None, "outputs": {}}
     assert reads == 0  # updated from the revision it wrote
     third = await two.arrive("join.r2.n", "c", 3)  # the other book guessed "absent": wrong
-    assert third == {"arrived": ["a", "b", "c"], "holder": None}
+    assert third == {"arrived": ["a", "b", "c"], "holder": None, "outputs": {}}
     assert reads >= 1
     reads = 0
     last = await one.arrive("join.r2.n", "d", 4)  # one's guess is stale now: conflict, read, retry
-    assert last == {"arrived": ["a", "b", "c", "d"], "holder": 4}
+    assert last == {"arrived": ["a", "b", "c", "d"], "holder": 4, "outputs": {}}
     assert reads >= 1
     stored = await real_get("join.r2.n")
     assert stored is not None
@@ -136,3 +138,36 @@ async def test_a_batched_read_falls_back_to_the_leader_for_what_it_missed(
     monkeypatch.setattr(_journal, "_multi_last", lagging)
     found = await _journal.last_events(bus.nc, bus.js, names.events_stream, subjects)
     assert found == {subject: {"output": i} for i, subject in enumerate(subjects)}
+
+
+async def test_small_outputs_ride_in_the_join_record(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([])
+    book = JoinBook(env.client.store, {"a", "b", "c"})
+    assert book.inlines_outputs
+    await book.arrive("join.r5.n", "a", 1, {"x": 1})
+    await book.arrive("join.r5.n", "b", 2)  # too big to ride along: the winner reads it back
+    record = await book.arrive("join.r5.n", "c", 3, [3])
+    assert record == {"arrived": ["a", "b", "c"], "holder": 3, "outputs": {"a": {"x": 1}, "c": [3]}}
+    assert not JoinBook(env.client.store, {f"u{i}" for i in range(1000)}).inlines_outputs
+
+
+async def test_a_join_gets_every_output_whether_it_rode_in_the_record_or_not(env_factory: Any) -> None:
+    wf = Workflow("mixed_join")
+    sizes = {"small": 10, "big": 5000, "tiny": 1}
+
+    def make(size: int) -> Any:
+        async def action(ctx: NodeContext) -> str:
+            return "x" * size
+
+        return action
+
+    for name, size in sizes.items():
+        wf.node(name)(make(size))
+
+    @wf.node(depends_on=list(sizes))
+    async def join(ctx: NodeContext) -> dict[str, int]:
+        return {name: len(ctx.outputs[name]) for name in sizes}
+
+    env: LocalEnvironment = await env_factory([wf], workers=2)
+    for _ in range(3):
+        assert await env.client.run("mixed_join", {}) == sizes

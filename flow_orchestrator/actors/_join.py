@@ -19,6 +19,11 @@ from flow_orchestrator._errors import FlowError
 from flow_orchestrator.bus._kv import StateStore, Versioned
 
 WRITTEN_KEYS = 4096  # join keys whose last write this worker remembers
+# An upstream output whose completion event is at most this big rides in the join record, when all
+# of a join's upstreams together fit in INLINE_RECORD_BYTES; the others are read from the journal.
+INLINE_OUTPUT_BYTES = 1024
+INLINE_RECORD_BYTES = 256 * 1024
+NOT_INLINE: Any = object()
 
 
 class JoinNotRecorded(FlowError):
@@ -32,7 +37,8 @@ class JoinBook:
     def __init__(self, store: StateStore, needed: Set[str]) -> None:
         self._store = store
         self._needed = frozenset(needed)
-        self._waiting: dict[str, dict[str, int]] = {}  # key -> {upstream: message seq} not yet written
+        # key -> {upstream: (message seq, its output or NOT_INLINE)} not yet written
+        self._waiting: dict[str, dict[str, tuple[int, Any]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._latest: dict[str, dict[str, Any] | None] = {}
         self._users: dict[str, int] = {}
@@ -41,8 +47,18 @@ class JoinBook:
         # wrote in between). A key never seen is guessed absent: most joins start with a create.
         self._written: OrderedDict[str, Versioned] = OrderedDict()
 
-    async def arrive(self, key: str, source: str, seq: int) -> dict[str, Any] | None:
-        self._waiting.setdefault(key, {}).setdefault(source, seq)
+    @property
+    def inlines_outputs(self) -> bool:
+        """Whether small upstream outputs ride in the join record (the winner then reads none of
+        them back): only when all of them together stay small."""
+        return len(self._needed) * INLINE_OUTPUT_BYTES <= INLINE_RECORD_BYTES
+
+    async def arrive(
+        self, key: str, source: str, seq: int, output: Any = NOT_INLINE
+    ) -> dict[str, Any] | None:
+        """Record ``source``'s arrival (its message ``seq``; its ``output`` when small enough to
+        ride in the record) and return the record that holds it."""
+        self._waiting.setdefault(key, {}).setdefault(source, (seq, output))
         self._users[key] = self._users.get(key, 0) + 1
         lock = self._locks.setdefault(key, asyncio.Lock())
         try:
@@ -54,8 +70,8 @@ class JoinBook:
                     except BaseException:
                         # Give the batch back to the next writer: it carried other messages' arrivals.
                         waiting = self._waiting.setdefault(key, {})
-                        for upstream, message in batch.items():
-                            waiting.setdefault(upstream, message)
+                        for upstream, arrival in batch.items():
+                            waiting.setdefault(upstream, arrival)
                         raise
                 # else an earlier holder of the lock wrote this arrival with its own batch.
                 record = self._latest.get(key)
@@ -69,7 +85,7 @@ class JoinBook:
             raise JoinNotRecorded(f"the arrival of {source!r} at {key!r} was not recorded yet")
         return record
 
-    async def _write(self, key: str, batch: dict[str, int], holder: int) -> dict[str, Any] | None:
+    async def _write(self, key: str, batch: dict[str, tuple[int, Any]], holder: int) -> dict[str, Any] | None:
         """Add the batch's arrivals; if they complete the set, ``holder`` (the writer's own message,
         still unacknowledged) wins the join."""
 
@@ -82,7 +98,9 @@ class JoinBook:
             winner = current.get("holder")
             if winner is None and self._needed.issubset(arrived):
                 winner = holder
-            return {"arrived": arrived, "holder": winner}
+            outputs = dict(current.get("outputs") or {})
+            outputs.update((s, batch[s][1]) for s in new if batch[s][1] is not NOT_INLINE)
+            return {"arrived": arrived, "holder": winner, "outputs": outputs}
 
         written, revision = await self._store.mutate(key, add, guess=self._written.get(key))
         if written is not None and revision is not None:

@@ -31,7 +31,7 @@ from flow_orchestrator._errors import DataKeyNotFound, NonRetryableError, StateC
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import TRANSIENT, Actor, ConsumerSpec, log
 from flow_orchestrator.actors._faults import crash_point
-from flow_orchestrator.actors._join import JoinBook
+from flow_orchestrator.actors._join import INLINE_OUTPUT_BYTES, NOT_INLINE, JoinBook
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode
 from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event, last_events
@@ -130,7 +130,9 @@ class NodeActor(Actor):
         elif len(self._needed) == 1:
             attempt = Attempt(run_id, 1, payload.get("input"), {source: payload.get("output")})
         else:
-            joined = await self._join(run_id, source, payload, int(meta.sequence.stream))
+            inline = self._joins.inlines_outputs and len(msg.data) <= INLINE_OUTPUT_BYTES
+            output = payload.get("output") if inline else NOT_INLINE
+            joined = await self._join(run_id, source, payload, int(meta.sequence.stream), output)
             if joined is None:
                 await msg.ack()
                 return None
@@ -141,15 +143,18 @@ class NodeActor(Actor):
             return None
         return attempt
 
-    async def _join(self, run_id: str, source: str, payload: dict[str, Any], seq: int) -> Attempt | None:
-        """Several upstreams: record the arrival (coalesced with others waiting in this worker); the
-        message that completes the set wins. A redelivered winner finds itself the holder and goes on
-        to recover its attempt."""
-        record = await self._joins.arrive(Names.join_key(run_id, self.node.name), source, seq)
+    async def _join(
+        self, run_id: str, source: str, payload: dict[str, Any], seq: int, output: Any
+    ) -> Attempt | None:
+        """Several upstreams: record the arrival (coalesced with others waiting in this worker; a
+        small ``output`` rides along); the message that completes the set wins. A redelivered winner
+        finds itself the holder and goes on to recover its attempt."""
+        record = await self._joins.arrive(Names.join_key(run_id, self.node.name), source, seq, output)
         if record is None or record.get("holder") != seq:
             return None  # waiting for other upstreams, or another message won the join
         crash_point("node.after_join", self.node.name)
-        outputs = await self._gather_outputs(run_id, {source: payload.get("output")})
+        known = {**(record.get("outputs") or {}), source: payload.get("output")}
+        outputs = await self._gather_outputs(run_id, known)  # reads only what the record lacks
         return Attempt(run_id, 1, payload.get("input"), outputs)
 
     async def _gather_outputs(self, run_id: str, known: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 
@@ -120,10 +121,14 @@ class PullFeed:
         await self._handle(msg)
 
     async def _request_loop(self) -> None:
-        expires_ns = int(self._expires * 1e9)
         while True:
             want = min(self._batch - self._outstanding - self._local, self._capacity.free)
             if want > 0 and self._outstanding <= self._batch // 2:
+                # A consumer hands each message to the pull request first in its queue. Workers that
+                # started together would renew their requests in lockstep and lead every queue in
+                # the same order, so one worker would take all of a fan-out's leaves. A random
+                # lifetime per request shuffles the order per consumer within a few renewals.
+                expires_ns = int(self._expires * random.uniform(0.5, 1.0) * 1e9)
                 request = json.dumps({"batch": want, "expires": expires_ns}).encode()
                 try:
                     await self._nc.publish(self._next, request, reply=self._inbox)
