@@ -24,6 +24,7 @@ from nats.aio.subscription import Subscription
 log = logging.getLogger("flow_orchestrator.bus")
 STATUS = "Status"
 PENDING_MESSAGES = "Nats-Pending-Messages"
+EARLY_REQUESTS = 3  # a feed's first requests live under a second: see _request_loop
 
 
 class Capacity:
@@ -75,6 +76,7 @@ class PullFeed:
         self._capacity = capacity
         self._batch = batch
         self._expires = expires
+        self._requests = 0  # pull requests sent so far
         self._outstanding = 0  # requested from the server, not delivered yet
         self._local = 0  # delivered to this feed, not done yet
         self._heard = time.monotonic()
@@ -127,8 +129,11 @@ class PullFeed:
                 # A consumer hands each message to the pull request first in its queue. Workers that
                 # started together would renew their requests in lockstep and lead every queue in
                 # the same order, so one worker would take all of a fan-out's leaves. A random
-                # lifetime per request shuffles the order per consumer within a few renewals.
-                expires_ns = int(self._expires * random.uniform(0.5, 1.0) * 1e9)
+                # lifetime per request (short for the first ones) shuffles the order per consumer.
+                early = self._requests < EARLY_REQUESTS
+                lifetime = random.uniform(0.1, 1.0) if early else random.uniform(0.5, 1.0) * self._expires
+                self._requests += 1
+                expires_ns = int(min(lifetime, self._expires) * 1e9)
                 request = json.dumps({"batch": want, "expires": expires_ns}).encode()
                 try:
                     await self._nc.publish(self._next, request, reply=self._inbox)
