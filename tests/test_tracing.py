@@ -164,6 +164,26 @@ async def test_a_run_started_inside_a_span_joins_its_trace(env_factory: Any, spa
     assert root.parent.span_id == caller.get_span_context().span_id
 
 
+async def test_steps_carry_the_traceparent_and_only_run_events_our_tracestate(
+    env_factory: Any, spans: Any
+) -> None:
+    provider, exporter = spans
+    env: LocalEnvironment = await env_factory(
+        [tracing_workflows.wf], interceptors=[TracingInterceptor(provider)]
+    )
+    _, _, traceparent = _publisher_context()
+    run_id = await _publish_trigger(env, "traced", {}, traceparent)
+    await env.client.get_handle(run_id, "traced").result()
+    await _finished_trace(exporter, run_id, "traced")
+    events = await env.client.journal(run_id, "traced")
+    parents = {event["headers"].get("traceparent") for event in events}
+    assert len(parents) == 1  # every event of the run carries the run's one traceparent
+    assert None not in parents
+    for event in events:
+        state = event["headers"].get("tracestate", "")
+        assert ("flow-orchestrator=" in state) == (event["node"] == "_run"), event
+
+
 async def test_a_failed_run_records_its_error_on_the_root(env_factory: Any, spans: Any) -> None:
     provider, exporter = spans
     env: LocalEnvironment = await env_factory(

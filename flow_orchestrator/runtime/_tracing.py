@@ -62,6 +62,7 @@ PARENT_CACHE = 4096  # runs in flight whose parsed trace context is kept
 _DECISIONS = frozenset({"retrying", "lost", "failed"})  # node events that become decision spans
 _WATCHED = _RUN_END | _DECISIONS | {"started"}
 _RUN_PART = f".{RUN_TOKEN}."
+_MARKER_PREFIX = f"{TRACESTATE_KEY}="
 _MESSAGING: dict[str, AttributeValue] = {
     "messaging.system": "nats",
     "messaging.operation.type": "process",
@@ -143,6 +144,7 @@ class TracingInterceptor(Interceptor):
         self._ended: OrderedDict[str, None] = OrderedDict()  # runs whose root this worker emitted
         self._scope = InstrumentationScope(INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION)
         self._parents: OrderedDict[Any, RunTrace] = OrderedDict()
+        self._stripped: OrderedDict[str, str] = OrderedDict()  # tracestate -> without our entry
 
     def _parent_of(self, headers: Mapping[str, str]) -> RunTrace:
         """The run's trace context from a message's headers. Every step of a run carries the same
@@ -222,6 +224,9 @@ class TracingInterceptor(Interceptor):
             span.end()
 
     async def publish(self, input: PublishInput, call_next: PublishCall) -> None:
+        state = input.headers.get("tracestate")
+        if state is not None and _RUN_PART not in input.subject:
+            self._drop_marker(input.headers, state)
         await call_next(input)
         subject = input.subject
         kind = subject[subject.rfind(".") + 1 :]
@@ -242,6 +247,20 @@ class TracingInterceptor(Interceptor):
                 _decision_span(tracer, seen)
         except Exception:  # telemetry must never change what the engine does
             log.warning("tracing: could not record %s", subject, exc_info=True)
+
+    def _drop_marker(self, headers: dict[str, str], state: str) -> None:
+        """Our tracestate entry is read only from the run's own events (and kept in its run record):
+        a step's messages carry the run's ``traceparent`` and the publisher's own entries, one header
+        less to encode and parse at every hop."""
+        stripped = self._stripped.get(state)
+        if stripped is None:
+            entries = [entry for entry in state.split(",") if not entry.strip().startswith(_MARKER_PREFIX)]
+            stripped = ",".join(entries)
+            remember(self._stripped, state, stripped, PARENT_CACHE)
+        if stripped:
+            headers["tracestate"] = stripped
+        else:
+            del headers["tracestate"]
 
     def _run_event(self, tracer: Tracer, seen: _Seen) -> None:
         run = self._parent_of(seen.headers)
