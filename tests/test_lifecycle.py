@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import nats.errors
 import pytest
+from nats.js.api import ConsumerConfig
 
 from flow_orchestrator import NodeContext, NodeStatus, RetryPolicy, RunFailed, StorageSettings, Workflow
 from flow_orchestrator.actors._system import RunGate
 from flow_orchestrator.runtime._resume import RunNotRetryable
 from flow_orchestrator.testing import LocalEnvironment, eventually
+from tests import workflows
 
 
 def _retrying_workflow(name: str, delay: float) -> Workflow:
@@ -231,3 +234,29 @@ async def test_the_run_gate_cancels_every_attempt_it_tracks() -> None:
     gate.untrack("r2", sleepers[2])  # twice is harmless
     sleepers[2].cancel()
     assert gate.closed("r1") == "cancelled"
+
+
+async def test_setting_up_a_consumer_waits_for_a_server_slow_to_answer(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env: LocalEnvironment = await env_factory([workflows.diamond])
+    system = env.workers[0].system
+    assert system is not None
+    real = system.bus.js.add_consumer
+    calls = 0
+
+    async def slow_then_fine(stream: str, config: Any = None, **options: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise nats.errors.TimeoutError  # the server did not answer in time
+        return await real(stream, config, **options)
+
+    monkeypatch.setattr(system.bus.js, "add_consumer", slow_then_fine)
+    config = ConsumerConfig(
+        durable_name="patience", filter_subject=env.names.event("x", "r", "n", "completed")
+    )
+    await system.ensure_consumer(env.names.events_stream, config)
+    assert calls == 3
+    info = await env.client.bus.js.consumer_info(env.names.events_stream, "patience")
+    assert info.config.durable_name == "patience"

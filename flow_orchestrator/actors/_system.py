@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
 import nats.js.errors as js_errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -29,6 +31,8 @@ from flow_orchestrator.bus.types import PublishInput
 
 log = logging.getLogger("flow_orchestrator.actors")
 MSG_ID = "Nats-Msg-Id"
+API_PATIENCE = 30.0  # seconds a worker waits for a JetStream API answer while it sets up
+T = TypeVar("T")
 
 
 class RunGate:
@@ -107,6 +111,26 @@ class ActorSystem:
         self.chain: InterceptorChain  # set by the worker once interceptors are known
         self._gate_subs: list[Subscription] = []
 
+    async def _api_call(self, call: Callable[[], Awaitable[T]], within: float = API_PATIENCE) -> T:
+        """A JetStream API request, asked again while the server does not answer in time (busy,
+        electing a leader, restarting) for up to ``within`` seconds: a worker starting next to a
+        loaded or recovering server should wait for it, not die."""
+        deadline = time.monotonic() + within
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                js_errors.ServiceUnavailableError,
+            ):
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("JetStream API did not answer; asking again in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def ensure_consumer(self, stream: str, config: ConsumerConfig) -> None:
         """Create or update a durable consumer (idempotent across racing workers).
 
@@ -116,7 +140,7 @@ class ActorSystem:
         """
         config.name = config.durable_name
         try:
-            await self.bus.js.add_consumer(stream, config)
+            await self._api_call(lambda: self.bus.js.add_consumer(stream, config))
             return
         except js_errors.BadRequestError as exc:
             reason = exc.description
