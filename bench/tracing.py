@@ -5,8 +5,8 @@ Jaeger would receive them). ``python -m bench.tracing [--batches 20] [--runs 10]
 Two sets of 2 workers, one with tracing off and one with it on, run side by side on one server (each
 on its own prefix), and the client alternates short batches of runs between them: on this shared,
 noisy 2-core VM, drift over a minute is larger than the effect measured, and alternating batches
-cancels it. ``--span-export thread`` measures the SDK's in-process ``BatchSpanProcessor`` instead of
-the default export process.
+cancels it. ``--span-export process`` measures the export process instead of the default, the
+SDK's ``BatchSpanProcessor`` in the worker.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="runs per batch")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ratio", type=float, help="sample this fraction of runs (default: every run)")
-    parser.add_argument("--span-export", choices=("process", "thread"), default="process")
+    parser.add_argument("--span-export", choices=("process", "thread"), default="thread")
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:

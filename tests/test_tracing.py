@@ -392,8 +392,9 @@ def _cli_configures_telemetry() -> bool:
     not _cli_configures_telemetry(),
     reason="`flowctl worker` does not call configure_telemetry() yet (runtime/_commands.py worker command)",
 )
+@pytest.mark.parametrize("span_export", ["thread", "process"])
 async def test_two_worker_processes_export_one_trace_per_run(
-    env_factory: Any, subprocess_env: dict[str, str]
+    env_factory: Any, subprocess_env: dict[str, str], span_export: str
 ) -> None:
     receiver = Receiver()
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
@@ -406,6 +407,7 @@ async def test_two_worker_processes_export_one_trace_per_run(
         "OTEL_SERVICE_NAME": "flow-test-worker",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "OTEL_METRICS_EXPORTER": "none",
+        "FLOW_SPAN_EXPORT": span_export,
     }
     workers = [await _start_worker(child_env, prefix) for _ in range(2)]
     try:

@@ -152,7 +152,7 @@ def _resource(service_name: str | None) -> Resource:
 
 
 def _span_export_in_process(choice: str | None) -> bool:
-    choice = (choice or os.environ.get("FLOW_SPAN_EXPORT") or "process").strip().lower()
+    choice = (choice or os.environ.get("FLOW_SPAN_EXPORT") or "thread").strip().lower()
     if choice not in ("process", "thread"):
         raise TelemetryConfigError(f"FLOW_SPAN_EXPORT={choice!r} is not supported: use process or thread")
     return choice == "thread" or os.name != "posix"  # the export process needs POSIX pipes
@@ -176,9 +176,10 @@ def configure_telemetry(
       (``OTEL_METRIC_EXPORT_INTERVAL``) and the sampler (``OTEL_TRACES_SAMPLER``) are read by the SDK.
     - ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``: override ``service_name`` and our defaults.
 
-    ``span_export`` (default ``$FLOW_SPAN_EXPORT``, else ``process``): ``process`` encodes and sends
-    spans from a helper process, so the worker's event loop never waits on that work (see
-    ``runtime/_span_export.py``); ``thread`` uses the SDK's ``BatchSpanProcessor`` in this process.
+    ``span_export`` (default ``$FLOW_SPAN_EXPORT``, else ``thread``): ``thread`` uses the SDK's
+    ``BatchSpanProcessor`` in this process; ``process`` encodes and sends spans from a helper process
+    (``runtime/_span_export.py``), off this process's GIL. On our 2-core benchmark machine ``thread``
+    cost less (docs/performance.md).
 
     ``set_global`` also makes the providers OpenTelemetry's global ones, so instrumented libraries an
     action uses join the run's trace.
