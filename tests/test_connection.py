@@ -9,7 +9,7 @@ import nats.errors
 import pytest
 
 from flow_orchestrator import Client, StorageSettings
-from flow_orchestrator.bus import Names, connect, provision
+from flow_orchestrator.bus import EmbeddedServer, Names, connect, provision
 
 
 def _free_port() -> int:
@@ -39,3 +39,15 @@ async def test_clients_never_rewrite_a_deployments_stream_settings(nats_url: str
         assert info.config.max_age == 7200.0
     finally:
         await bus.close()
+
+
+def test_a_stopped_server_leaves_no_temporary_directory_behind() -> None:
+    server = EmbeddedServer()
+    server.start()
+    server.restart()  # a restart keeps the store and finds its new port
+    store, ports = server.store_dir, server._ports_dir
+    assert store.is_dir()
+    assert ports.is_dir()
+    server.stop()
+    assert not store.exists()
+    assert not ports.exists()

@@ -123,8 +123,10 @@ class StateStore:
             try:
                 revision = await self.write(key, new, current.revision if current else None)
             except StateConflict:
-                # Back off a little, at random, so racing writers stop colliding in lockstep.
-                await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))
+                # The first retry re-reads at once (the read itself staggers two racing writers);
+                # later ones back off a little, at random, so writers stop colliding in lockstep.
+                if attempt:
+                    await asyncio.sleep(random.uniform(0, 0.001 * attempt))
                 continue
             return new, revision
         raise StateConflict(f"state key {key!r} kept changing; gave up after {attempts} attempts")

@@ -91,6 +91,7 @@ class EmbeddedServer:
         ]
         if self.max_payload is not None:
             args += ["--max_payload", str(self.max_payload)]
+        self._ports_dir.mkdir(parents=True, exist_ok=True)  # stop() removes it
         log = open(self._ports_dir / "server.log", "wb")  # noqa: SIM115 - lives as long as the process
         self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -104,8 +105,9 @@ class EmbeddedServer:
                 self.url = f"nats://{self.host}:{port}"
                 return self.url
             time.sleep(0.02)
+        tail = self.log_tail()  # before stop(), which removes the log
         self.stop()
-        raise ServerError(f"nats-server did not become ready within {timeout}s: {self.log_tail()}")
+        raise ServerError(f"nats-server did not become ready within {timeout}s: {tail}")
 
     def _read_port(self) -> int | None:
         assert self._proc is not None
@@ -144,14 +146,13 @@ class EmbeddedServer:
                 proc.wait()
         if self._own_store and not kill:
             shutil.rmtree(self.store_dir, ignore_errors=True)
+        shutil.rmtree(self._ports_dir, ignore_errors=True)  # its ports file and log
 
     def restart(self, timeout: float = 15.0) -> str:
         """Stop and start again on the same port and store directory (state survives)."""
         own, self._own_store = self._own_store, False
         self.stop()
         self._own_store = own
-        for stale in self._ports_dir.glob("*.ports"):
-            stale.unlink()
         return self.start(timeout)
 
     def __enter__(self) -> EmbeddedServer:
@@ -162,7 +163,6 @@ class EmbeddedServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-        shutil.rmtree(self._ports_dir, ignore_errors=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
