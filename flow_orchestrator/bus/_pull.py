@@ -103,7 +103,8 @@ class PullFeed:
         """A delivered message is finished (acked, nak'd or terminated): its room is free again."""
         self._local -= 1
         self._capacity.release()
-        self._wake.set()
+        if self._outstanding <= self._batch // 2:
+            self._wake.set()  # only then would the request loop ask for more: no wake-up per message
 
     async def _on_message(self, msg: Msg) -> None:
         self._heard = time.monotonic()
