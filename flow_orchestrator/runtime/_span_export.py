@@ -1,17 +1,18 @@
-"""Span export from a helper process, so a worker's event loop never waits on span encoding.
+"""Span export from a helper process (opt-in: ``FLOW_SPAN_EXPORT=process``), off the worker's GIL.
 
 An OTLP exporter in the worker's own process turns each span into protobuf objects in Python code
-(about 50 µs a span on our machine) and posts them, all under the GIL the event loop needs: with
-every run sampled, that was most of tracing's cost per step (docs/performance.md). Here the worker
-only flattens each finished span into a tuple of plain values (a few µs) and a sender thread writes
-batches of them, msgpack-framed, into a pipe. A child process, ``python -m`` this module, rebuilds
-the spans and hands them to the exporters that ``OTEL_*`` variables name, as the worker would have.
+(about 37 µs a span here) under the GIL the event loop needs. Here the worker only flattens each
+finished span into a tuple of plain values (a few µs) and a sender thread writes batches of them,
+msgpack-framed, into a pipe. A child process (``runtime/_span_export_child.py``) rebuilds the spans
+and hands them to the exporters that ``OTEL_*`` variables name, as the worker would have.
 
 It is the Python-sized version of the usual "local collector agent": the child inherits the worker's
 environment (endpoints, headers, protocol), is told the worker's resource, and exits when the pipe
 closes (the worker stopped or died), after exporting what it holds. If the child dies first, the
 processor starts a new one for the next batch; spans it could not hand over are counted and logged,
-as ``BatchSpanProcessor`` does when its queue is full.
+as ``BatchSpanProcessor`` does when its queue is full. On our 2-core benchmark machine it cost more
+than in-process export (the child competes for the same cores; docs/performance.md), so it is not
+the default: it is for workers whose event loop is the bottleneck on machines with cores to spare.
 """
 
 from __future__ import annotations
