@@ -104,14 +104,20 @@ async def test_two_books_racing_on_one_join_start_from_what_they_wrote(
     assert stored.value == last
 
 
+async def _completions(env: LocalEnvironment, run_id: str, nodes: int, *, completed: int) -> list[str]:
+    """The completion subjects of nodes n0.. of a run; the first ``completed`` get ``{"output": i}``."""
+    subjects = [env.names.event("wf", run_id, f"n{i}", "completed") for i in range(nodes)]
+    for i, subject in enumerate(subjects[:completed]):
+        await env.client.bus.js.publish(subject, encode({"output": i}))
+    return subjects
+
+
 async def test_a_batched_read_returns_each_subjects_last_event(
     env_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env: LocalEnvironment = await env_factory([])
     bus, names = env.client.bus, env.names
-    subjects = [names.event("wf", "r3", f"n{i}", "completed") for i in range(7)]
-    for i, subject in enumerate(subjects[:6]):  # n6 never completed
-        await bus.js.publish(subject, encode({"output": i}))
+    subjects = await _completions(env, "r3", 7, completed=6)  # n6 never completed
     await bus.js.publish(subjects[0], encode({"output": "later"}))  # the last one counts
     monkeypatch.setattr(_journal, "MULTI_LAST_LIMIT", 3)  # three batches
     found = await _journal.last_events(bus.nc, bus.js, names.events_stream, subjects)
@@ -128,9 +134,7 @@ async def test_a_batched_read_falls_back_to_the_leader_for_what_it_missed(
     """What a (lagging) replica did not return is read from the leader, one by one."""
     env: LocalEnvironment = await env_factory([])
     bus, names = env.client.bus, env.names
-    subjects = [names.event("wf", "r4", f"n{i}", "completed") for i in range(3)]
-    for i, subject in enumerate(subjects):
-        await bus.js.publish(subject, encode({"output": i}))
+    subjects = await _completions(env, "r4", 3, completed=3)
 
     async def lagging(nc: Any, api: str, asked: list[str], wait: float) -> dict[str, Any]:
         return {asked[0]: {"output": 0}}  # as if the replica had only the first
