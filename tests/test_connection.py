@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import uuid
 
 import nats.errors
 import pytest
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from flow_orchestrator import Client, StorageSettings
 from flow_orchestrator.bus import EmbeddedServer, Names, connect, provision
+from flow_orchestrator.bus._pull import EARLY_REQUESTS, Capacity, PullFeed
+from flow_orchestrator.testing import eventually
 
 
 def _free_port() -> int:
@@ -51,3 +57,83 @@ def test_a_stopped_server_leaves_no_temporary_directory_behind() -> None:
     server.stop()
     assert not store.exists()
     assert not ports.exists()
+
+
+async def test_pull_feeds_ask_again_as_soon_as_the_connection_comes_back() -> None:
+    """A killed and restarted server forgot every pull request. The reconnection itself must renew them: with
+    requests that live ten minutes and a heartbeat check every minute, nothing else would for over
+    two minutes, longer than this test waits."""
+    with EmbeddedServer() as server:
+        bus = await connect(server.url)
+        received: asyncio.Queue[bytes] = asyncio.Queue()
+        feed: PullFeed | None = None
+
+        async def handle(msg: Msg) -> None:
+            await msg.ack()
+            await received.put(msg.data)
+            assert feed is not None
+            feed.done()
+
+        try:
+            await bus.js.add_stream(name="FEED", subjects=["feed.>"])
+            await bus.js.add_consumer("FEED", ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT))
+            feed = PullFeed(
+                bus.nc,
+                api_prefix="$JS.API",
+                stream="FEED",
+                consumer="c",
+                handle=handle,
+                capacity=Capacity(10),
+                batch=10,
+                expires=600.0,
+                heartbeat=60.0,
+            )
+            bus.reconnected.append(feed.forget_requests)
+            await feed.start()
+            # Past its first, short-lived requests: from now on each lives ten minutes.
+            await eventually(lambda: feed is not None and feed._requests > EARLY_REQUESTS, within=30)
+            await bus.js.publish("feed.a", b"before")
+            assert await asyncio.wait_for(received.get(), 10) == b"before"
+
+            # Killed: a server stopped gently ends its waiting requests (409), which renews them anyway.
+            server.stop(kill=True)
+            server.start()
+
+            async def stream_back() -> bool:
+                with contextlib.suppress(nats.errors.Error):
+                    await bus.js.stream_info("FEED")
+                    return True
+                return False
+
+            await eventually(stream_back, within=30)
+            await bus.js.publish("feed.a", b"after")
+            assert await asyncio.wait_for(received.get(), 30) == b"after"
+        finally:
+            if feed is not None:
+                await feed.stop()
+            await bus.close()
+
+
+async def test_a_refused_pull_request_is_forgotten_not_waited_on() -> None:
+    """The server ends requests with a status (408 expired, 409 leadership change, 400 refused...):
+    whatever it is, the feed must not keep counting on the messages that request promised."""
+    feed = PullFeed(None, api_prefix="$JS.API", stream="S", consumer="c", handle=_never, capacity=Capacity(4))  # type: ignore[arg-type]
+    for headers in (
+        {"Status": "400", "Description": "Bad Request"},
+        {"Status": "409", "Description": "Leadership Change"},
+        {"Status": "408", "Description": "Request Timeout"},
+    ):
+        feed._outstanding = 64
+        await feed._on_message(Msg(None, subject="_INBOX.x", headers=headers))  # type: ignore[arg-type]
+        assert feed._outstanding == 0, headers
+    feed._outstanding = 64
+    await feed._on_message(
+        Msg(None, subject="_INBOX.x", headers={"Status": "408", "Nats-Pending-Messages": "10"})  # type: ignore[arg-type]
+    )
+    assert feed._outstanding == 54  # the rest of it was delivered or is still promised by others
+    await feed._on_message(Msg(None, subject="_INBOX.x", headers={"Status": "100"}))  # type: ignore[arg-type]
+    assert feed._outstanding == 54  # a heartbeat ends nothing
+
+
+async def _never(msg: Msg) -> None:
+    raise AssertionError("no message was sent")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -19,6 +20,8 @@ class Bus:
 
     nc: NatsClient
     js: JetStreamContext
+    # Called after each reconnection: the server forgot this connection's pull requests.
+    reconnected: list[Callable[[], None]] = field(default_factory=list)
 
     async def close(self) -> None:
         """Drain: flush what was published and deliver what was received, then close."""
@@ -57,6 +60,11 @@ async def connect(
 
     async def on_reconnected() -> None:
         log.info("reconnected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
+        for listener in list(bus.reconnected):
+            try:
+                listener()
+            except Exception:  # one listener's bug must not keep the others from hearing
+                log.exception("a reconnection listener failed")
 
     nc = await nats.connect(
         servers=_split_urls(url),
@@ -73,4 +81,5 @@ async def connect(
     # nats-py applies one limit to the first connection and to reconnections; from now on a lost
     # connection is retried forever (workers must ride out server restarts and leader changes).
     nc.options["max_reconnect_attempts"] = -1
-    return Bus(nc=nc, js=nc.jetstream())
+    bus = Bus(nc=nc, js=nc.jetstream())
+    return bus

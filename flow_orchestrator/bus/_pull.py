@@ -3,8 +3,14 @@ worker has room for, so back-pressure keeps surplus work in JetStream for other 
 
 Each feed keeps pull requests outstanding for up to ``batch`` messages on its consumer (the server
 delivers each to the feed's inbox the moment it is available) and tops them up as handled messages
-finish, while the worker-wide :class:`Capacity` has room. Requests expire every few seconds and are
-renewed, so a feed heals itself after a reconnect or a server restart.
+finish, while the worker-wide :class:`Capacity` has room.
+
+Requests live long (``expires``, 30 s) and ask for idle heartbeats: a worker hosts a consumer per
+node of every workflow, and renewing hundreds of requests every few seconds kept an idle worker and
+its server busy (9 % of a core for the server and 4 % per worker with the benchmark's four workflows;
+2 % each with long-lived requests). A feed whose requests went silent (no message and no heartbeat
+for two heartbeat periods: a consumer leader lost on a cluster) asks again, and a reconnection
+(:attr:`Bus.reconnected`) makes every feed ask again at once, as the server forgot its requests.
 """
 
 from __future__ import annotations
@@ -68,7 +74,8 @@ class PullFeed:
         handle: Callable[[Msg], Awaitable[None]],
         capacity: Capacity,
         batch: int = 64,
-        expires: float = 5.0,
+        expires: float = 30.0,
+        heartbeat: float = 5.0,
     ) -> None:
         self._nc = nc
         self._next = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
@@ -76,6 +83,7 @@ class PullFeed:
         self._capacity = capacity
         self._batch = batch
         self._expires = expires
+        self._heartbeat = heartbeat
         self._requests = 0  # pull requests sent so far
         self._outstanding = 0  # requested from the server, not delivered yet
         self._local = 0  # delivered to this feed, not done yet
@@ -99,6 +107,12 @@ class PullFeed:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
+    def forget_requests(self) -> None:
+        """The server no longer holds this feed's requests (the connection was re-established): ask
+        again now instead of waiting for the silence to show."""
+        self._outstanding = 0
+        self._wake.set()
+
     def done(self) -> None:
         """A delivered message is finished (acked, nak'd or terminated): its room is free again."""
         self._local -= 1
@@ -110,12 +124,14 @@ class PullFeed:
         self._heard = time.monotonic()
         status = msg.headers.get(STATUS) if msg.headers else None
         if status is not None and not msg.data and not msg.reply:
-            # 408 request expired, 409 leadership change / limits, 404 none: the request is over.
+            if status == "100":
+                return  # an idle heartbeat: the requests are alive
+            # 408 request expired, 409 leadership change / limits, 404 none, 400 refused: the request
+            # is over. The server says how much of it went unfilled; without that, start afresh.
             unfilled = int(msg.headers.get(PENDING_MESSAGES, 0)) if msg.headers else 0
-            if status in ("408", "409", "404") and unfilled:
-                self._outstanding = max(0, self._outstanding - unfilled)
-            elif status in ("408", "409", "404"):
-                self._outstanding = 0
+            self._outstanding = max(0, self._outstanding - unfilled) if unfilled else 0
+            if status not in ("408", "409", "404"):
+                log.debug("pull request on %s ended: %s %s", self._next, status, dict(msg.headers or {}))
             self._wake.set()
             return
         self._outstanding = max(0, self._outstanding - 1)
@@ -135,14 +151,17 @@ class PullFeed:
                 lifetime = random.uniform(0.1, 1.0) if early else random.uniform(0.5, 1.0) * self._expires
                 self._requests += 1
                 expires_ns = int(min(lifetime, self._expires) * 1e9)
-                request = json.dumps({"batch": want, "expires": expires_ns}).encode()
+                ask: dict[str, int] = {"batch": want, "expires": expires_ns}
+                if lifetime >= 2 * self._heartbeat:  # the server refuses a heartbeat over half the lifetime
+                    ask["idle_heartbeat"] = int(self._heartbeat * 1e9)
+                request = json.dumps(ask).encode()
                 try:
                     await self._nc.publish(self._next, request, reply=self._inbox)
                     self._outstanding += want
                 except Exception as exc:  # disconnected: try again shortly
                     log.debug("pull request on %s failed: %s", self._next, exc)
-            if self._outstanding and time.monotonic() - self._heard > self._expires + 2.0:
-                # Requests we never heard the end of (a reconnect lost them): start afresh.
+            if self._outstanding and time.monotonic() - self._heard > 2 * self._heartbeat + 1.0:
+                # No message, heartbeat or expiry from requests we hold: the server lost them.
                 self._outstanding = 0
                 self._heard = time.monotonic()
                 continue
@@ -153,5 +172,5 @@ class PullFeed:
                         await self._capacity.wait_for_room()
                 continue
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._expires / 2):
+                async with asyncio.timeout(self._heartbeat):
                     await self._wake.wait()
