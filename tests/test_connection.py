@@ -114,24 +114,32 @@ async def test_pull_feeds_ask_again_as_soon_as_the_connection_comes_back() -> No
             await bus.close()
 
 
-async def test_a_refused_pull_request_is_forgotten_not_waited_on() -> None:
-    """The server ends requests with a status (408 expired, 409 leadership change, 400 refused...):
-    whatever it is, the feed must not keep counting on the messages that request promised."""
+async def test_a_pull_request_the_server_ended_is_forgotten_and_a_refusal_pauses_the_feed() -> None:
+    """The server ends requests with a status: whatever it is, the feed must not keep counting on the
+    messages that request promised. Expiry and a leadership change are renewed at once; a refusal
+    (no leader yet, a limit, a bad request) is asked again only after a pause, not in a tight loop."""
     feed = PullFeed(None, api_prefix="$JS.API", stream="S", consumer="c", handle=_never, capacity=Capacity(4))  # type: ignore[arg-type]
-    for headers in (
-        {"Status": "400", "Description": "Bad Request"},
-        {"Status": "409", "Description": "Leadership Change"},
-        {"Status": "408", "Description": "Request Timeout"},
-    ):
-        feed._outstanding = 64
+
+    async def status(headers: dict[str, str]) -> None:
         await feed._on_message(Msg(None, subject="_INBOX.x", headers=headers))  # type: ignore[arg-type]
-        assert feed._outstanding == 0, headers
+
+    for code, description, refused in (
+        ("408", "Request Timeout", False),
+        ("409", "Leadership Change", False),
+        ("400", "Bad Request", True),
+        ("409", "Exceeded MaxWaiting", True),
+        ("503", "", True),
+    ):
+        feed._outstanding, feed._refused_until = 64, 0.0
+        await status({"Status": code, "Description": description})
+        assert feed._outstanding == 0, (code, description)
+        assert (feed._refused_until > 0) is refused, (code, description)
     feed._outstanding = 64
-    await feed._on_message(
-        Msg(None, subject="_INBOX.x", headers={"Status": "408", "Nats-Pending-Messages": "10"})  # type: ignore[arg-type]
-    )
+    await status({"Status": "408", "Description": "Request Timeout", "Nats-Pending-Messages": "10"})
     assert feed._outstanding == 54  # the rest of it was delivered or is still promised by others
-    await feed._on_message(Msg(None, subject="_INBOX.x", headers={"Status": "100"}))  # type: ignore[arg-type]
+    await status({"Status": "408", "Description": "Request Timeout", "Nats-Pending-Messages": "0"})
+    assert feed._outstanding == 54  # fully delivered: nothing more to forget
+    await status({"Status": "100", "Description": "Idle Heartbeat"})
     assert feed._outstanding == 54  # a heartbeat ends nothing
 
 

@@ -9,8 +9,9 @@ Requests live long (``expires``, 30 s) and ask for idle heartbeats: a worker hos
 node of every workflow, and renewing hundreds of requests every few seconds kept an idle worker and
 its server busy (9 % of a core for the server and 4 % per worker with the benchmark's four workflows;
 2 % each with long-lived requests). A feed whose requests went silent (no message and no heartbeat
-for two heartbeat periods: a consumer leader lost on a cluster) asks again, and a reconnection
-(:attr:`Bus.reconnected`) makes every feed ask again at once, as the server forgot its requests.
+for two heartbeat periods since it last asked: a consumer leader lost on a cluster) asks again; a
+reconnection (:attr:`Bus.reconnected`) makes every feed ask again at once, as a restarted server
+forgot its requests; a refused request is asked again after :data:`REFUSED_PAUSE`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ log = logging.getLogger("flow_orchestrator.bus")
 STATUS = "Status"
 PENDING_MESSAGES = "Nats-Pending-Messages"
 EARLY_REQUESTS = 3  # a feed's first requests live under a second: see _request_loop
+REFUSED_PAUSE = 1.0  # seconds before asking again after a refusal (no leader yet, limits, bad request)
+# Statuses that end a request in the normal course: renew at once. Any other status is a refusal.
+_ENDED = {"408": "Request Timeout", "404": "No Messages", "409": "Leadership Change"}
 
 
 class Capacity:
@@ -87,7 +91,9 @@ class PullFeed:
         self._requests = 0  # pull requests sent so far
         self._outstanding = 0  # requested from the server, not delivered yet
         self._local = 0  # delivered to this feed, not done yet
-        self._heard = time.monotonic()
+        self._heard = time.monotonic()  # the last message, heartbeat or status from the server
+        self._asked = 0.0  # when the last request went out
+        self._refused_until = 0.0
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
         self._loop: asyncio.Task[None] | None = None
@@ -108,8 +114,9 @@ class PullFeed:
                 await self._sub.unsubscribe()
 
     def forget_requests(self) -> None:
-        """The server no longer holds this feed's requests (the connection was re-established): ask
-        again now instead of waiting for the silence to show."""
+        """The connection was re-established: a restarted server forgot this feed's requests, so ask
+        again now instead of waiting for the silence to show. (A server that did not restart may still
+        hold them; the feed then gets up to one batch more than it asked for, which it handles.)"""
         self._outstanding = 0
         self._wake.set()
 
@@ -126,12 +133,16 @@ class PullFeed:
         if status is not None and not msg.data and not msg.reply:
             if status == "100":
                 return  # an idle heartbeat: the requests are alive
-            # 408 request expired, 409 leadership change / limits, 404 none, 400 refused: the request
-            # is over. The server says how much of it went unfilled; without that, start afresh.
-            unfilled = int(msg.headers.get(PENDING_MESSAGES, 0)) if msg.headers else 0
-            self._outstanding = max(0, self._outstanding - unfilled) if unfilled else 0
-            if status not in ("408", "409", "404"):
-                log.debug("pull request on %s ended: %s %s", self._next, status, dict(msg.headers or {}))
+            # The request is over: expired, leadership changed, or refused (503 no leader yet, 409
+            # limits, 400). The server says how much of it went unfilled; without that, start afresh.
+            headers = msg.headers or {}
+            unfilled = headers.get(PENDING_MESSAGES)
+            self._outstanding = max(0, self._outstanding - int(unfilled)) if unfilled is not None else 0
+            description = str(headers.get("Description", ""))
+            if _ENDED.get(status, "\0") not in description:
+                # Asking again at once would loop as fast as the server can refuse.
+                self._refused_until = time.monotonic() + REFUSED_PAUSE
+                log.debug("pull request on %s refused: %s %s", self._next, status, description)
             self._wake.set()
             return
         self._outstanding = max(0, self._outstanding - 1)
@@ -142,7 +153,8 @@ class PullFeed:
     async def _request_loop(self) -> None:
         while True:
             want = min(self._batch - self._outstanding - self._local, self._capacity.free)
-            if want > 0 and self._outstanding <= self._batch // 2:
+            refused = self._refused_until - time.monotonic()
+            if want > 0 and self._outstanding <= self._batch // 2 and refused <= 0:
                 # A consumer hands each message to the pull request first in its queue. Workers that
                 # started together would renew their requests in lockstep and lead every queue in
                 # the same order, so one worker would take all of a fan-out's leaves. A random
@@ -158,10 +170,12 @@ class PullFeed:
                 try:
                     await self._nc.publish(self._next, request, reply=self._inbox)
                     self._outstanding += want
+                    self._asked = time.monotonic()
                 except Exception as exc:  # disconnected: try again shortly
                     log.debug("pull request on %s failed: %s", self._next, exc)
-            if self._outstanding and time.monotonic() - self._heard > 2 * self._heartbeat + 1.0:
-                # No message, heartbeat or expiry from requests we hold: the server lost them.
+            silent = time.monotonic() - max(self._heard, self._asked)
+            if self._outstanding and silent > 2 * self._heartbeat + 1.0:
+                # No message, heartbeat or expiry since we last asked: the server lost our requests.
                 self._outstanding = 0
                 self._heard = time.monotonic()
                 continue
@@ -172,5 +186,5 @@ class PullFeed:
                         await self._capacity.wait_for_room()
                 continue
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._heartbeat):
+                async with asyncio.timeout(refused if refused > 0 else self._heartbeat):
                     await self._wake.wait()
