@@ -56,6 +56,7 @@ class Deployment:
     url: str
     replicas: int
     description: str
+    server_pids: tuple[int, ...] = ()
 
 
 async def settle(url: str, prefix: str, replicas: int, within: float = 30.0) -> None:
@@ -91,6 +92,42 @@ async def settle(url: str, prefix: str, replicas: int, within: float = 30.0) -> 
         await client.close()
 
 
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """User + system CPU seconds so far of these processes, and of their children (Linux /proc)."""
+    own = children = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            kids = [  # a child belongs to the thread that started it
+                int(c)
+                for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()
+            ]
+        except OSError:
+            continue
+        own += (int(fields[11]) + int(fields[12])) / tick
+        children += sum(cpu_seconds(kids))
+    return own, children
+
+
+class CpuMeter:
+    """CPU spent by the bus servers, the workers and this process (the client) between two reads."""
+
+    def __init__(self, servers: tuple[int, ...], workers: list[int]) -> None:
+        self._groups = {"server": list(servers), "workers": workers, "client": [os.getpid()]}
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        # Own CPU only: this process's children are the servers and workers, counted on their own.
+        return {name: cpu_seconds(pids)[0] for name, pids in self._groups.items()}
+
+    def ms_per(self, count: int) -> dict[str, float]:
+        """Milliseconds of CPU per ``count`` (node executions) since this meter was made."""
+        now = self._read()
+        return {name: round((now[name] - self._start[name]) * 1000 / count, 3) for name in now}
+
+
 @contextmanager
 def embedded_server() -> Iterator[EmbeddedServer]:
     server = EmbeddedServer()
@@ -106,10 +143,12 @@ def deployment(cluster: bool) -> Iterator[Deployment]:
     """One local server (replicas 1) or a 3-node loopback cluster (replicas 3), file storage both."""
     if not cluster:
         with embedded_server() as server:
-            yield Deployment("single", server.url, 1, "1 server, replicas=1, file storage")
+            pids: tuple[int, ...] = (server.pid,) if server.pid else ()
+            yield Deployment("single", server.url, 1, "1 server, replicas=1, file storage", pids)
         return
     with EmbeddedCluster(3) as nodes:
-        yield Deployment("cluster", nodes.url, 3, "3-node cluster (loopback), replicas=3, file storage")
+        pids = tuple(node.pid for node in nodes.nodes if node.pid)
+        yield Deployment("cluster", nodes.url, 3, "3-node cluster (loopback), replicas=3, file storage", pids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ class Row:
     config: str  # "single", "cluster" or "asyncio-floor"
     measurement: Measurement
     raw_hop_ms: float | None = None
+    cpu_ms_per_step: dict[str, float] | None = None  # CPU per node execution: server, workers, client
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,15 @@ def table(rows: list[Row]) -> str:
         )
     for config, hop in hops.items():
         out.append(f"{config:<14}{'raw JS hop':<16}{hop:>11.3f}")
+    out.append("")
+    out.append(f"{'CPU ms per node execution':<30}{'server(s)':>10}{'workers':>10}{'client':>10}")
+    for row in rows:
+        if row.cpu_ms_per_step is not None:
+            cpu = row.cpu_ms_per_step
+            out.append(
+                f"{row.config:<14}{row.measurement.workload.id:<16}"
+                f"{cpu['server']:>10.3f}{cpu['workers']:>10.3f}{cpu['client']:>10.3f}"
+            )
     out.append(
         "per-step: W1 median/20; W2 median/102; W3 batch time/node executions; W4 (median - 50 ms)/52. "
         "x floor: median (W3: batch time) over the asyncio floor's; / hop: W1 per-step over the raw hop."

@@ -21,6 +21,7 @@ from bench._floor import AsyncioFloor
 from bench._harness import (
     RESULTS,
     ROOT,
+    CpuMeter,
     Deployment,
     WorkerProcess,
     deployment,
@@ -79,13 +80,15 @@ async def measure_deployment(
     errors_before = sum(w.log_errors() for w in workers)
     try:
         for spec in specs:
+            meter = CpuMeter(dep.server_pids, [w.pid for w in workers])
             m = await measure(run_on_engine, spec)
+            cpu = meter.ms_per(spec.steps * (spec.warmup + spec.runs))  # warm-up runs included
             errors = sum(w.log_errors() for w in workers)
             notes = config + (
                 f"; workers logged {errors - errors_before} tracebacks" if errors > errors_before else ""
             )
             errors_before = errors
-            rows.append(Row(dep.name, m, hop))
+            rows.append(Row(dep.name, m, hop, cpu))
             lines.append(
                 result_line(
                     m.workload.id,
@@ -93,6 +96,7 @@ async def measure_deployment(
                     notes,
                     engine=engine,
                     raw_hop_ms=round(hop, 4),
+                    cpu_ms_per_step=cpu,
                     **m.spec_fields(),
                 )
             )

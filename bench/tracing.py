@@ -30,7 +30,7 @@ from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from bench._harness import ROOT, embedded_server, event_loop_name, load1, percentile, run
+from bench._harness import ROOT, cpu_seconds, embedded_server, event_loop_name, load1, percentile, run
 from flow_orchestrator import Client
 from flow_orchestrator.testing import eventually
 
@@ -99,25 +99,6 @@ def sink_process() -> Iterator[str]:
 def sink_counts(endpoint: str) -> dict[str, int]:
     with urllib.request.urlopen(f"{endpoint}/count", timeout=10) as reply:
         return json.loads(reply.read())  # type: ignore[no-any-return]
-
-
-def cpu_seconds(pids: list[int]) -> tuple[float, float]:
-    """User + system CPU seconds so far of these processes, and of their children (Linux /proc)."""
-    own = children = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            kids = [  # a child belongs to the thread that started it
-                int(c)
-                for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()
-            ]
-        except OSError:
-            continue
-        own += (int(fields[11]) + int(fields[12])) / tick
-        children += sum(cpu_seconds(kids))
-    return own, children
 
 
 @contextmanager
