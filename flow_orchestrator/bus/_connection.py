@@ -20,7 +20,7 @@ class Bus:
 
     nc: NatsClient
     js: JetStreamContext
-    # Called after each reconnection: the server forgot this connection's pull requests.
+    # Called after each reconnection: a restarted server has forgotten this connection's pull requests.
     reconnected: list[Callable[[], None]] = field(default_factory=list)
 
     async def close(self) -> None:
