@@ -1,6 +1,6 @@
 """Tracing overhead on W1 chain20: the same run with tracing off and on (every run sampled unless
 ``--ratio``; spans exported over OTLP/HTTP to a receiver process that decodes and counts them, as
-Jaeger would receive them). ``python -m bench.tracing [--batches 20] [--runs 10] [--ratio 0.1]``.
+Jaeger would receive them). ``python -m bench.tracing [--batches 150] [--runs 10] [--ratio 0.1]``.
 
 Two sets of 2 workers, one with tracing off and one with it on, run side by side on one server (each
 on its own prefix), and the client alternates short batches of runs between them: on this shared,
@@ -181,7 +181,8 @@ async def _consumers_ready(client: Client) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batches", type=int, default=20, help="batches per mode, alternating")
+    # 150 batches take about 80 s here; 20-30 (15-20 s) swung by 20 points between runs on this VM.
+    parser.add_argument("--batches", type=int, default=150, help="batches per mode, alternating")
     parser.add_argument("--runs", type=int, default=10, help="runs per batch")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ratio", type=float, help="sample this fraction of runs (default: every run)")
