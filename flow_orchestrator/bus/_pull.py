@@ -139,7 +139,8 @@ class PullFeed:
             unfilled = headers.get(PENDING_MESSAGES)
             self._outstanding = max(0, self._outstanding - int(unfilled)) if unfilled is not None else 0
             description = str(headers.get("Description", ""))
-            if _ENDED.get(status, "\0") not in description:
+            ended_normally = status in _ENDED and _ENDED[status] in description
+            if not ended_normally:
                 # Asking again at once would loop as fast as the server can refuse.
                 self._refused_until = time.monotonic() + REFUSED_PAUSE
                 log.debug("pull request on %s refused: %s %s", self._next, status, description)
