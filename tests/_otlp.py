@@ -3,7 +3,9 @@ would receive it, and keeps every span with its resource."""
 
 from __future__ import annotations
 
+import gzip
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -14,11 +16,16 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 
 class Receiver(ThreadingHTTPServer):
-    """Accepts OTLP/HTTP trace exports on 127.0.0.1 and keeps every span with its resource."""
+    """Accepts OTLP/HTTP trace exports on 127.0.0.1 and keeps every span with its resource.
+
+    ``refusals`` are answered first, one per request, as (status, headers), without decoding;
+    ``requests`` records each request's path, headers and decoded request."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), OtlpHandler)
         self.spans: list[dict[str, Any]] = []
+        self.refusals: list[tuple[int, dict[str, str]]] = []
+        self.requests: list[tuple[str, dict[str, str], ExportTraceServiceRequest | None]] = []
         self.lock = threading.Lock()
 
     @property
@@ -31,11 +38,24 @@ class OtlpHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.path != "/v1/traces":
-            self.send_response(404)
+        with self.server.lock:
+            refusal = self.server.refusals.pop(0) if self.server.refusals else None
+        if self.path != "/v1/traces" or refusal is not None:
+            self.server.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, None))
+            status, headers = refusal or (404, {})
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        encoding = self.headers.get("Content-Encoding")
+        if encoding == "gzip":
+            body = gzip.decompress(body)
+        elif encoding == "deflate":
+            body = zlib.decompress(body)
         request = ExportTraceServiceRequest.FromString(body)
+        self.server.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, request))
         found = []
         for resource_spans in request.resource_spans:
             resource = {kv.key: value_of(kv.value) for kv in resource_spans.resource.attributes}
