@@ -81,7 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def sink_process() -> Iterator[str]:
+def sink_process() -> Iterator[tuple[str, int]]:
     """The receiver in its own process, as Jaeger would be: its decoding never takes the client's GIL."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.tracing", "--sink"],
@@ -90,7 +90,7 @@ def sink_process() -> Iterator[str]:
     )
     try:
         assert proc.stdout is not None
-        yield proc.stdout.readline().decode().strip()
+        yield proc.stdout.readline().decode().strip(), proc.pid
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(30)
@@ -139,25 +139,27 @@ async def chain_batches(  # noqa: PLR0917 (one call site, each argument named th
     url: str,
     prefixes: dict[str, str],
     pids: dict[str, list[int]],
+    shared: dict[str, int],
     batches: int,
     runs: int,
     warmup: int,
-) -> tuple[dict[str, list[list[float]]], dict[str, list[float]]]:
+) -> tuple[dict[str, list[list[float]]], dict[str, dict[str, float]]]:
     """Alternate batches of ``runs`` chain20 runs between the modes' workers; each batch's run times
-    (ms) by mode, and the CPU seconds each mode's workers (and their children) used in its batches."""
+    (ms) by mode, and the CPU seconds used in each mode's batches by its workers, their children
+    (an export process) and each of the ``shared`` processes (the server, the span receiver...)."""
     clients = {mode: await Client.connect(url, prefix=prefix) for mode, prefix in prefixes.items()}
     try:
         for client in clients.values():
             await eventually(lambda c=client: c.describe("chain20"), within=60)  # type: ignore[misc]
             await eventually(lambda c=client: _consumers_ready(c), within=60)  # type: ignore[misc]
         samples: dict[str, list[list[float]]] = {mode: [] for mode in clients}
-        cpu = {mode: [0.0, 0.0] for mode in clients}  # the workers', their children's
+        cpu = {mode: {"worker": 0.0, "exporter": 0.0} | dict.fromkeys(shared, 0.0) for mode in clients}
         for batch in range(batches):
             order = list(clients) if batch % 2 == 0 else list(reversed(clients))
             for mode in order:
                 skip = warmup if batch == 0 else 0
                 samples[mode].append([])
-                used = cpu_seconds(pids[mode])
+                used = _cpu_now(pids[mode], shared)
                 for i in range(runs + skip):
                     start = time.perf_counter()
                     result = await clients[mode].run("chain20", {})
@@ -166,12 +168,19 @@ async def chain_batches(  # noqa: PLR0917 (one call site, each argument named th
                     if i >= skip:
                         samples[mode][-1].append((time.perf_counter() - start) * 1000)
                 if batch:  # the first batch pays for start-up (the export process's imports, warm-up)
-                    for i, (after, before) in enumerate(zip(cpu_seconds(pids[mode]), used, strict=True)):
-                        cpu[mode][i] += after - before
+                    for whose, spent in _cpu_now(pids[mode], shared).items():
+                        cpu[mode][whose] += spent - used[whose]
         return samples, cpu
     finally:
         for client in clients.values():
             await client.close()
+
+
+def _cpu_now(workers: list[int], shared: dict[str, int]) -> dict[str, float]:
+    own, children = cpu_seconds(workers)
+    return {"worker": own, "exporter": children} | {
+        name: cpu_seconds([pid])[0] for name, pid in shared.items()
+    }
 
 
 async def _consumers_ready(client: Client) -> bool:
@@ -195,7 +204,7 @@ def main() -> None:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         sink.serve_forever()
         return
-    with sink_process() as endpoint, embedded_server() as server:
+    with sink_process() as (endpoint, sink_pid), embedded_server() as server:
         traced = {
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -215,8 +224,9 @@ def main() -> None:
             workers(server.url, prefixes["on"], traced) as traced_pids,
         ):
             pids = {"off": plain, "on": traced_pids}
+            shared = {"server": server.pid or 0, "receiver": sink_pid, "client": os.getpid()}
             samples, cpu = run(
-                chain_batches(server.url, prefixes, pids, args.batches, args.runs, args.warmup)
+                chain_batches(server.url, prefixes, pids, shared, args.batches, args.runs, args.warmup)
             )
         counts = sink_counts(endpoint)  # workers flush their spans when they stop (SIGTERM)
     every = {mode: [ms for batch in batches for ms in batch] for mode, batches in samples.items()}
@@ -237,20 +247,22 @@ def main() -> None:
         "paired_overhead_quartiles_pct": [round((q - 1) * 100, 1) for q in statistics.quantiles(paired, n=4)],
         "p90_ms": {mode: round(percentile(values, 0.9), 2) for mode, values in every.items()},
         "runs_per_mode": len(every["on"]),
-        # CPU per step the workers spent (after the first batch), and their span-export children
+        # CPU per step (after the first batch) of the workers, their span-export children, the
+        # server, the span receiver and this client: where the traced batches' extra work lands
         **{
             f"{whose}_cpu_ms_per_step": {
-                mode: round(used[i] * 1000 / (len(every[mode]) - args.runs) / STEPS, 3)
+                mode: round(used[whose] * 1000 / (len(every[mode]) - args.runs) / STEPS, 3)
                 for mode, used in cpu.items()
             }
-            for i, whose in enumerate(("worker", "exporter"))
+            for whose in cpu["off"]
         },
         "spans_received": counts["spans"],
         "traces_received": counts["traces"],
         "runs_traced": runs_traced,
         "notes": (
             f"1 server, replicas=1, file storage, 2 worker processes per mode (flowctl worker), "
-            f"{event_loop_name()}; {sampling}, span export: {args.span_export}, OTLP/HTTP to a receiver "
+            f"{event_loop_name()}; {sampling}, span export: {args.span_export}, OTLP/HTTP "
+            f"({os.environ.get('FLOW_OTLP_EXPORTER') or 'flow'} exporter) to a receiver "
             f"process; {args.batches} alternating batches of {args.runs} runs; load1={load1():.2f}"
         ),
     }
