@@ -168,7 +168,7 @@ def test_attempt_spans_and_repeated_attributes_encode_as_the_sdk_does() -> None:
 
 def test_a_value_no_encoder_can_take_is_left_out_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     provider = TracerProvider()
-    span = _attempt_span(provider, {"workflow": "order", "huge": 2**70})
+    span = _attempt_span(provider, {"workflow": "order", "huge": 2**70, 7: "a key that is no string"})
     with caplog.at_level(logging.ERROR, logger="flow_orchestrator.telemetry"):
         decoded = _decoded(encode_spans([span]))
     assert decoded == sdk_encode_spans([span])  # the SDK leaves it out too
@@ -176,6 +176,7 @@ def test_a_value_no_encoder_can_take_is_left_out_and_logged(caplog: pytest.LogCa
     assert "huge" not in keys
     assert "workflow" in keys
     assert "'huge' left out" in caplog.text
+    assert "7 left out" in caplog.text
 
 
 # --- the transport ---------------------------------------------------------------------------------

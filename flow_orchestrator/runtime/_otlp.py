@@ -128,7 +128,7 @@ class _Encoder:
             if cached is None:
                 try:
                     cached = _field(b"", _key_value(key, value))  # the length and the pair
-                except ValueError as exc:
+                except (ValueError, TypeError, AttributeError) as exc:  # as the SDK, which catches all
                     log.error("OTLP export: attribute %r left out: %s", key, exc)
                     continue
                 if scalar:
