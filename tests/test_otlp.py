@@ -4,7 +4,9 @@ HTTP receiver on loopback (scripted refusals, compression, headers from the envi
 from __future__ import annotations
 
 import logging
+import math
 import socket
+import time
 from collections.abc import Iterator
 from email.utils import formatdate
 from typing import Any
@@ -22,7 +24,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from flow_orchestrator.runtime._otlp import OTLPSpanExporter, encode_spans, retry_after
+from flow_orchestrator.runtime._otlp import OTLPSpanExporter, _Encoder, encode_spans, retry_after
 from flow_orchestrator.runtime._telemetry import TelemetryConfigError, span_exporter
 from flow_orchestrator.runtime._tracing import RunTrace, start_light_span
 from tests._otlp import Receiver
@@ -138,7 +140,9 @@ def test_the_encoder_writes_what_the_sdk_encoder_writes(shapes: list[dict[str, A
     assert _decoded(encode_spans(batch)) == sdk_encode_spans(batch)
 
 
-def _attempt_span(provider: TracerProvider, attributes: dict[str, Any]) -> ReadableSpan:
+def _attempt_span(
+    provider: TracerProvider, attributes: dict[Any, Any], events: dict[str, dict[str, Any]] | None = None
+) -> ReadableSpan:
     tracer = provider.get_tracer("flow_orchestrator")
     parent = TraceContextTextMapPropagator().extract(
         {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
@@ -147,6 +151,8 @@ def _attempt_span(provider: TracerProvider, attributes: dict[str, Any]) -> Reada
     scope = InstrumentationScope("flow_orchestrator", "1.0")
     span = start_light_span(tracer, scope, "order.charge", run, attributes)  # type: ignore[arg-type]
     span.set_attribute("outcome", "completed")
+    for name, event_attributes in (events or {}).items():
+        span.add_event(name, event_attributes)
     span.end()
     assert isinstance(span, ReadableSpan)
     return span
@@ -177,6 +183,30 @@ def test_a_value_no_encoder_can_take_is_left_out_and_logged(caplog: pytest.LogCa
     assert "workflow" in keys
     assert "'huge' left out" in caplog.text
     assert "7 left out" in caplog.text
+
+
+def test_any_failure_to_encode_a_value_loses_that_pair_only() -> None:
+    """A user's attribute may be anything: a list that holds itself fails by recursion, in the SDK too."""
+    provider = TracerProvider()
+    loop: list[Any] = []
+    loop.append(loop)
+    events = {"checked": {"loop": loop, "ok": "yes"}}
+    span = _attempt_span(provider, {"workflow": "order", b"raw": 1, None: 2}, events)
+    decoded = _decoded(encode_spans([span]))
+    assert decoded == sdk_encode_spans([span])
+    [event] = decoded.resource_spans[0].scope_spans[0].spans[0].events
+    assert [kv.key for kv in event.attributes] == ["ok"]
+
+
+def test_kept_encodings_keep_the_sign_of_zero_and_not_long_text() -> None:
+    provider = TracerProvider()
+    long_text = "x" * 8_000
+    batch = [_attempt_span(provider, {"v": zero, "message": long_text}) for zero in (0.0, -0.0)]
+    encoder = _Encoder()
+    decoded = _decoded(encoder.request(batch))
+    spans = decoded.resource_spans[0].scope_spans[0].spans
+    assert [math.copysign(1.0, span.attributes[0].value.double_value) for span in spans] == [1.0, -1.0]
+    assert not any(value == long_text for _, _, value in encoder._pairs)
 
 
 # --- the transport ---------------------------------------------------------------------------------
@@ -230,6 +260,7 @@ def test_the_environment_configures_the_endpoint_headers_and_compression(
     assert headers["api-key"] == "s cret"
     assert headers["tenant"] == "t1"
     assert headers["content-type"] == "application/x-protobuf"
+    assert headers["user-agent"].startswith("OTel-OTLP-Exporter-Python-FlowOrchestrator/")
     assert headers.get("content-encoding") == (None if compression == "none" else compression)
     assert request == sdk_encode_spans(spans)
     assert [span["name"] for span in receiver.spans] == ["order.charge"]
@@ -279,6 +310,32 @@ def test_a_refusal_that_retrying_cannot_mend_drops_the_batch_at_once(
     assert "refused (HTTP 400" in caplog.text
 
 
+def test_a_redirect_is_not_followed(receiver: Receiver) -> None:
+    """Following it would hand the configured headers (API keys) to wherever it points."""
+    receiver.refusals = [(307, {"Location": f"{receiver.endpoint}/v1/traces"})]
+    exporter = OTLPSpanExporter(f"{receiver.endpoint}/v1/traces", headers={"api-key": "secret"})
+    assert exporter.export(_one_span()) is SpanExportResult.FAILURE
+    assert len(receiver.requests) == 1
+
+
+def test_a_header_value_http_cannot_carry_fails_the_export_instead_of_raising(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = OTLPSpanExporter(f"{receiver.endpoint}/v1/traces", headers={"x-tenant": "\u20ac"})
+    with caplog.at_level(logging.ERROR, logger="flow_orchestrator.telemetry"):
+        assert exporter.export(_one_span()) is SpanExportResult.FAILURE
+    assert "UnicodeEncodeError" in caplog.text
+
+
+def test_a_timeout_that_looks_like_milliseconds_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "10000")
+    with caplog.at_level(logging.WARNING, logger="flow_orchestrator.telemetry"):
+        assert OTLPSpanExporter("http://127.0.0.1:9").timeout == 10_000
+    assert "read in seconds" in caplog.text
+
+
 def test_retries_stop_at_the_export_timeout(receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
     receiver.refusals = [(503, {"Retry-After": "0.2"})] * 50
     exporter = OTLPSpanExporter(f"{receiver.endpoint}/v1/traces", timeout=0.5)
@@ -303,7 +360,14 @@ def test_nothing_is_sent_after_shutdown(receiver: Receiver) -> None:
     assert receiver.requests == []
 
 
-def test_retry_after_reads_seconds_and_dates() -> None:
+def test_retry_after_reads_seconds_and_dates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")  # a date without a zone is UTC, never local time
+    time.tzset()
+    try:
+        assert 25 <= (retry_after(formatdate(time.time() + 30)) or 0) <= 31
+    finally:
+        monkeypatch.undo()
+        time.tzset()
     assert retry_after("2") == 2.0
     assert retry_after("-3") == 0.0
     assert retry_after(formatdate(0, usegmt=True)) == 0.0  # a date in the past: now

@@ -27,7 +27,9 @@ import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
+from datetime import UTC
 from email.utils import parsedate_to_datetime
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import requests
@@ -47,6 +49,7 @@ _ONE_BYTE = tuple(bytes((n,)) for n in range(128))
 _INT64 = range(-(2**63), 2**63)
 _REMOTE_KNOWN, _REMOTE = 0x100, 0x200  # SpanFlags: "is the parent remote" is known / is true
 _CACHED = 8192  # encoded attribute pairs kept for reuse (cleared when full)
+_CACHED_TEXT = 64  # longer strings (messages, stack traces) are encoded each time, never kept
 
 
 def _varint(n: int) -> bytes:
@@ -100,15 +103,20 @@ def _any_value(value: Any) -> bytes:
     raise ValueError(f"invalid type {type(value).__name__} of value {value!r}")
 
 
-def _key_value(key: str, value: Any) -> bytes:
+def _key_value(key: Any, value: Any) -> bytes:
+    if isinstance(key, bytes):
+        key = key.decode()  # as protobuf takes a bytes key (UTF-8 only)
+    elif key is None:
+        key = ""  # as protobuf leaves an unset key
     return _text(b"\x0a", key) + _field(b"\x12", _any_value(value))
 
 
 class _Encoder:
     """Encodes batches of finished spans into an ``ExportTraceServiceRequest``.
 
-    Keeps the encoded form of scalar attribute pairs (keyed by key, type and value, so ``True``, ``1``
-    and ``1.0`` stay apart). Used from one export thread at a time.
+    Keeps the encoded form of attribute pairs whose value is a bool, an int or a short string (keyed
+    by key, type and value, so ``True`` and ``1`` stay apart; floats are not kept: ``0.0 == -0.0``).
+    Used from one export thread at a time.
     """
 
     def __init__(self) -> None:
@@ -123,15 +131,15 @@ class _Encoder:
         out = []
         for key, value in attributes.items():
             kind = type(value)
-            scalar = kind is str or kind is int or kind is float or kind is bool
-            cached = pairs.get((key, kind, value)) if scalar else None
+            kept = kind is int or kind is bool or (kind is str and len(value) <= _CACHED_TEXT)
+            cached = pairs.get((key, kind, value)) if kept else None
             if cached is None:
                 try:
                     cached = _field(b"", _key_value(key, value))  # the length and the pair
-                except (ValueError, TypeError, AttributeError) as exc:  # as the SDK, which catches all
-                    log.error("OTLP export: attribute %r left out: %s", key, exc)
+                except Exception as exc:  # any value a user set: only this pair is lost, as in the SDK
+                    log.error("OTLP export: attribute %r left out: %r", key, exc)
                     continue
-                if scalar:
+                if kept:
                     if len(pairs) >= _CACHED:
                         pairs.clear()
                     pairs[key, kind, value] = cached
@@ -252,6 +260,11 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
 
 # --- transport ------------------------------------------------------------------------------------
 DEFAULT_ENDPOINT = "http://localhost:4318"
+try:
+    _VERSION = version("flow-orchestrator")
+except PackageNotFoundError:  # running from a source tree
+    _VERSION = "dev"
+USER_AGENT = f"OTel-OTLP-Exporter-Python-FlowOrchestrator/{_VERSION}"
 DEFAULT_TIMEOUT = 10.0  # seconds
 _RETRYABLE = frozenset({429, 502, 503, 504})
 _MAX_RETRIES = 6
@@ -279,6 +292,13 @@ def _timeout() -> float:
     if not math.isfinite(value) or value <= 0:
         log.warning("OTLP timeout %r is not a positive number of seconds: using %s", raw, DEFAULT_TIMEOUT)
         return DEFAULT_TIMEOUT
+    if value >= 1000:
+        log.warning(
+            "OTLP timeout %r is read in seconds, as the Python SDK reads it (the specification says "
+            "milliseconds): an export may wait %.0f minutes",
+            raw,
+            value / 60,
+        )
     return value
 
 
@@ -300,9 +320,12 @@ def retry_after(value: str | None) -> float | None:
         seconds = float(value)
     except ValueError:
         try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            when = parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:  # "-0000": UTC, with no zone said
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - time.time()
     return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
@@ -325,15 +348,17 @@ class OTLPSpanExporter(SpanExporter):
         configured = (
             headers if headers is not None else parse_env_headers(_setting("HEADERS") or "", liberal=True)
         )
-        self._headers = {**configured, "Content-Type": "application/x-protobuf"}
+        self._headers = {**configured, "Content-Type": "application/x-protobuf", "User-Agent": USER_AGENT}
         if self.compression != "none":
             self._headers["Content-Encoding"] = self.compression
         self._session = session or requests.Session()
-        if certificate := _setting("CERTIFICATE"):
-            self._session.verify = certificate
+        # Given with each request, not set on the session: requests lets REQUESTS_CA_BUNDLE override a
+        # session's verify, and the collector's CA must win.
+        self._verify: str | bool = _setting("CERTIFICATE") or True
         client_certificate, client_key = _setting("CLIENT_CERTIFICATE"), _setting("CLIENT_KEY")
-        if client_certificate:
-            self._session.cert = (client_certificate, client_key) if client_key else client_certificate
+        self._cert: str | tuple[str, str] | None = client_certificate
+        if client_certificate and client_key:
+            self._cert = (client_certificate, client_key)
         self._encoder = _Encoder()
         self._stopped = threading.Event()
 
@@ -352,19 +377,32 @@ class OTLPSpanExporter(SpanExporter):
             body = zlib.compress(body)
         return self._send(body, len(spans))
 
+    def _post(self, body: bytes, deadline: float) -> requests.Response:
+        return self._session.post(
+            self.endpoint,
+            data=body,
+            headers=self._headers,
+            timeout=max(deadline - time.monotonic(), 0.001),
+            verify=self._verify,
+            cert=self._cert,
+            allow_redirects=False,  # a redirect must not carry the headers (API keys) to another host
+        )
+
     def _send(self, body: bytes, count: int) -> SpanExportResult:
         deadline = time.monotonic() + self.timeout
         for retry in range(_MAX_RETRIES):
-            remaining = deadline - time.monotonic()
             wait: float | None = None
             try:
-                reply = self._session.post(
-                    self.endpoint, data=body, headers=self._headers, timeout=max(remaining, 0.001)
-                )
+                try:
+                    reply = self._post(body, deadline)
+                except requests.ConnectionError:
+                    if retry:
+                        raise
+                    reply = self._post(body, deadline)  # at once: a pooled connection may have gone stale
             except requests.ConnectionError as exc:
                 problem = f"connection failed: {exc}"
-            except requests.RequestException as exc:
-                log.error("OTLP export of %d spans to %s failed: %s", count, self.endpoint, exc)
+            except Exception as exc:  # a timeout, a header value HTTP cannot carry...: not for retrying
+                log.error("OTLP export of %d spans to %s failed: %r", count, self.endpoint, exc)
                 return SpanExportResult.FAILURE
             else:
                 if 200 <= reply.status_code < 300:
@@ -376,7 +414,7 @@ class OTLPSpanExporter(SpanExporter):
                         count,
                         self.endpoint,
                         problem,
-                        reply.text[:200],
+                        reply.content[:200].decode(errors="replace"),
                     )
                     return SpanExportResult.FAILURE
                 wait = retry_after(reply.headers.get("Retry-After"))
