@@ -31,6 +31,35 @@ async def test_linear_chain_passes_outputs_down(env_factory: Any) -> None:
     assert result == {"k": 19, "acc": 20}
 
 
+async def test_a_result_comes_from_the_terminal_event_and_wait_from_the_record(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``result()`` reads the run record once, before the run ends (in case it already had); the
+    terminal event then carries the output, so no second read sits on every run's last hop.
+    ``wait()`` returns the whole record, read after the event."""
+    env: LocalEnvironment = await env_factory([wfs.chain(3)])
+    client = env.client
+    reads: list[str] = []
+    read = client._run_record
+
+    async def counted(run_id: str) -> dict[str, Any] | None:
+        found = await read(run_id)
+        reads.append("ended" if found and found.get("status") == "completed" else "running")
+        return found
+
+    monkeypatch.setattr(client, "_run_record", counted)
+    handle = await client.start("chain", {})
+    assert await handle.result() == {"k": 2, "acc": 3}
+    assert reads in (["running"], ["ended"])  # "ended": the run was over before result() looked
+    assert (await handle.wait())["status"] == "completed"  # an ended run: its record, at once
+    handle = await client.start("chain", {})
+    reads.clear()
+    record = await handle.wait()
+    assert record["status"] == "completed"
+    assert record["workflow"] == "chain"
+    assert reads in (["running", "ended"], ["ended"])
+
+
 async def test_diamond_joins_once_and_shares_data(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wfs.diamond])
     handle = await env.client.start("diamond", {"order_id": "o-1", "amount": 12.5})

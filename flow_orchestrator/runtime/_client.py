@@ -108,6 +108,12 @@ class RunHandle:
         """Wait until the run ends; return its run record. If a worker rejected the trigger (bad
         payload, unknown workflow...), raise that typed error instead of waiting forever.
         To bound the wait, wrap the call: ``async with asyncio.timeout(30): await handle.wait()``."""
+        return await self._wait(whole_record=True)
+
+    async def _wait(self, *, whole_record: bool) -> dict[str, Any]:
+        """:meth:`wait`; without ``whole_record``, a run that ends while this waits is described by
+        its terminal event alone (status, timestamps, results or error: what :meth:`result` needs),
+        sparing a read of the record after it."""
         names = self.client.names
         # Resolved with ("end", status, body) for the run's terminal event, ("rejected", None, body).
         done: asyncio.Future[tuple[str, str | None, dict[str, Any]]] = (
@@ -143,10 +149,11 @@ class RunHandle:
                         str(body.get("reason")),
                         f"run {self.run_id!r} of {self.workflow!r} was rejected: {body.get('error')}",
                     )
-                record = await self.client._run_record(self.run_id)
-                if record is None or record.get("status") not in _TERMINAL_RUN:
-                    # The read lagged behind the event (a replica, after a failover): the event
-                    # carries what ended the run, so trust it.
+                if whole_record:
+                    record = await self.client._run_record(self.run_id)
+                if not whole_record or record is None or record.get("status") not in _TERMINAL_RUN:
+                    # The event carries what ended the run; a record read may lag behind it (a
+                    # replica, after a failover), so the event is trusted.
                     record = {**(record or {"workflow": self.workflow}), "status": status, **body}
         finally:
             for sub in subs:
@@ -160,7 +167,7 @@ class RunHandle:
         """The run's output: its sink node's output (a dict by sink name when it has several).
         Raises :class:`RunFailed` or :class:`RunCancelled` when the run did not complete, and the
         trigger's typed error (``InvalidPayload``...) when a worker rejected it."""
-        record = await self.wait()
+        record = await self._wait(whole_record=False)
         status = record["status"]
         if status == RunStatus.COMPLETED.value:
             results: dict[str, Any] = record.get("results") or {}
