@@ -36,7 +36,7 @@ async def test_a_result_comes_from_the_terminal_event_and_wait_from_the_record(
 ) -> None:
     """``result()`` reads the run record once, before the run ends (in case it already had); the
     terminal event then carries the output, so no second read sits on every run's last hop.
-    ``wait()`` returns the whole record, read after the event."""
+    ``wait()`` returns the whole record, read after the event. ``run()`` reads nothing."""
     env: LocalEnvironment = await env_factory([wfs.chain(3)])
     client = env.client
     reads: list[str] = []
@@ -58,6 +58,9 @@ async def test_a_result_comes_from_the_terminal_event_and_wait_from_the_record(
     assert record["status"] == "completed"
     assert record["workflow"] == "chain"
     assert reads in (["running", "ended"], ["ended"])
+    reads.clear()
+    assert await client.run("chain", {}) == {"k": 2, "acc": 3}
+    assert reads == []  # run() listened before it published the trigger: nothing to look for first
 
 
 async def test_diamond_joins_once_and_shares_data(env_factory: Any) -> None:
@@ -284,6 +287,8 @@ async def test_malformed_and_invalid_triggers_are_dead_lettered(env_factory: Any
         await env.client.get_handle("bad-3", "diamond").result()
     with pytest.raises(PayloadTooLarge):
         await env.client.get_handle("bad-4", "diamond").result()
+    with pytest.raises(InvalidPayload, match="amount"):  # run() listens first: the rejection reaches it
+        await env.client.run("diamond", {"order_id": "x", "amount": -5})
     # The worker survived all of it and still runs good triggers.
     assert (await env.client.run("diamond", {"order_id": "ok", "amount": 2}))["charged"] == 2
     # Nothing is left for redelivery.

@@ -96,6 +96,20 @@ class RunSnapshot:
         }
 
 
+@dataclass(slots=True)
+class _Watch:
+    """A run's terminal event (or trigger rejection) as it arrives, and the subscriptions for it."""
+
+    done: asyncio.Future[tuple[str, str | None, dict[str, Any]]]
+    subs: list[Any] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for sub in self.subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self.subs.clear()
+
+
 class RunHandle:
     """A started run. ``await handle.result()`` waits for it and returns its output."""
 
@@ -108,13 +122,17 @@ class RunHandle:
         """Wait until the run ends; return its run record. If a worker rejected the trigger (bad
         payload, unknown workflow...), raise that typed error instead of waiting forever.
         To bound the wait, wrap the call: ``async with asyncio.timeout(30): await handle.wait()``."""
-        return await self._wait(whole_record=True)
+        return await self._ended(await self._watch(), look_first=True, whole_record=True)
 
-    async def _wait(self, *, whole_record: bool) -> dict[str, Any]:
-        """:meth:`wait`; without ``whole_record``, a run that ends while this waits is described by
-        its terminal event alone (status, timestamps, results or error: what :meth:`result` needs),
-        sparing a read of the record after it."""
-        names = self.client.names
+    async def result(self) -> Any:
+        """The run's output: its sink node's output (a dict by sink name when it has several).
+        Raises :class:`RunFailed` or :class:`RunCancelled` when the run did not complete, and the
+        trigger's typed error (``InvalidPayload``...) when a worker rejected it."""
+        return await self._output(await self._ended(await self._watch(), look_first=True, whole_record=False))
+
+    async def _watch(self) -> _Watch:
+        """Subscribe to the run's terminal events and its trigger's rejection."""
+        names, nc = self.client.names, self.client.bus.nc
         # Resolved with ("end", status, body) for the run's terminal event, ("rejected", None, body).
         done: asyncio.Future[tuple[str, str | None, dict[str, Any]]] = (
             asyncio.get_running_loop().create_future()
@@ -129,19 +147,34 @@ class RunHandle:
             if not done.done():
                 done.set_result(("rejected", None, decode(msg.data)))
 
-        nc = self.client.bus.nc
-        subs = [
-            await nc.subscribe(names.run_event(self.workflow, self.run_id, "*"), cb=on_run_event),
-            await nc.subscribe(
-                names.event(self.workflow, self.run_id, TRIGGER_TOKEN, "rejected"), cb=on_rejected
-            ),
-        ]
+        watch = _Watch(done)
         try:
-            record = await self.client._run_record(self.run_id)
-            if record is None:
-                rejected = await self.client._rejection(self.workflow, self.run_id)
-                if rejected is not None and not done.done():
-                    done.set_result(("rejected", None, rejected))
+            watch.subs.append(
+                await nc.subscribe(names.run_event(self.workflow, self.run_id, "*"), cb=on_run_event)
+            )
+            rejected = names.event(self.workflow, self.run_id, TRIGGER_TOKEN, "rejected")
+            watch.subs.append(await nc.subscribe(rejected, cb=on_rejected))
+        except BaseException:
+            await watch.close()
+            raise
+        return watch
+
+    async def _ended(self, watch: _Watch, *, look_first: bool, whole_record: bool) -> dict[str, Any]:
+        """The run's record once it has ended (closes ``watch``).
+
+        ``look_first`` reads the record (and the trigger's rejection) before waiting, in case the run
+        ended before ``watch`` was set up; a watch set up before the trigger was published needs no
+        look. Without ``whole_record``, a run that ends while this waits is described by its terminal
+        event alone (status, timestamps, results or error: what :meth:`result` needs)."""
+        done = watch.done
+        record = None
+        try:
+            if look_first:
+                record = await self.client._run_record(self.run_id)
+                if record is None:
+                    rejected = await self.client._rejection(self.workflow, self.run_id)
+                    if rejected is not None and not done.done():
+                        done.set_result(("rejected", None, rejected))
             if record is None or record.get("status") not in _TERMINAL_RUN:
                 what, status, body = await done
                 if what == "rejected":
@@ -156,18 +189,12 @@ class RunHandle:
                     # replica, after a failover), so the event is trusted.
                     record = {**(record or {"workflow": self.workflow}), "status": status, **body}
         finally:
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            await watch.close()
         if record is None:
             raise RunNotFound(f"run {self.run_id!r} has no record")
         return record
 
-    async def result(self) -> Any:
-        """The run's output: its sink node's output (a dict by sink name when it has several).
-        Raises :class:`RunFailed` or :class:`RunCancelled` when the run did not complete, and the
-        trigger's typed error (``InvalidPayload``...) when a worker rejected it."""
-        record = await self._wait(whole_record=False)
+    async def _output(self, record: dict[str, Any]) -> Any:
         status = record["status"]
         if status == RunStatus.COMPLETED.value:
             results: dict[str, Any] = record.get("results") or {}
@@ -262,15 +289,24 @@ class Client:
         inside an OpenTelemetry span, the run's trace joins that span's trace (W3C headers, through
         the global propagator).
         """
+        name, input = await self._checked(workflow, input)
+        handle = RunHandle(self, check_run_id(run_id) if run_id is not None else uuid.uuid4().hex, name)
+        await self._trigger(handle, input)
+        return handle
+
+    async def _checked(self, workflow: str | Workflow, input: Any) -> tuple[str, Any]:
         name = workflow.name if isinstance(workflow, Workflow) else workflow
         await self.describe(name)
         if isinstance(workflow, Workflow) and workflow.input_model is not None:
             input = _validate(workflow.input_model, input, name)
-        run_id = check_run_id(run_id) if run_id is not None else uuid.uuid4().hex
-        headers = {"Nats-Msg-Id": run_id, CONTENT_TYPE: MSGPACK_TYPE}
+        return name, input
+
+    async def _trigger(self, handle: RunHandle, input: Any) -> bool:
+        """Publish the run's trigger; whether JetStream already had one with this run id."""
+        headers = {"Nats-Msg-Id": handle.run_id, CONTENT_TYPE: MSGPACK_TYPE}
         propagate.inject(headers)  # nothing when no span is current
-        await self.bus.js.publish(self.names.trigger(name), encode(input), headers=headers)
-        return RunHandle(self, run_id, name)
+        ack = await self.bus.js.publish(self.names.trigger(handle.workflow), encode(input), headers=headers)
+        return bool(ack.duplicate)
 
     async def run(
         self,
@@ -279,9 +315,21 @@ class Client:
         *,
         run_id: str | None = None,
     ) -> Any:
-        """Start a run and wait for its output (bound it with ``asyncio.timeout`` if needed)."""
-        handle = await self.start(workflow, input, run_id=run_id)
-        return await handle.result()
+        """Start a run and wait for its output (bound it with ``asyncio.timeout`` if needed).
+
+        It listens for the run's end before it publishes the trigger, so (unless ``run_id`` names a
+        run that may exist already) it need not look for a run that ended before it listened."""
+        if run_id is not None:
+            return await (await self.start(workflow, input, run_id=run_id)).result()
+        name, input = await self._checked(workflow, input)
+        handle = RunHandle(self, uuid.uuid4().hex, name)
+        watch = await handle._watch()
+        try:
+            repeated = await self._trigger(handle, input)
+        except BaseException:
+            await watch.close()
+            raise
+        return await handle._output(await handle._ended(watch, look_first=repeated, whole_record=False))
 
     def get_handle(self, run_id: str, workflow: str) -> RunHandle:
         return RunHandle(self, check_run_id(run_id), workflow)
