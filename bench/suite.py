@@ -56,18 +56,21 @@ async def measure_deployment(
     client = await Client.connect(dep.url, prefix=prefix, storage=StorageSettings(replicas=dep.replicas))
 
     async def run_on_engine(workflow: str, input: Any) -> Any:
-        handle = await client.start(workflow, input)
+        # client.run(), as a user submits and waits: it listens for the run's end before publishing
+        # the trigger, so it makes no lookups while the run starts (start() + result() must).
         try:
             async with asyncio.timeout(run_timeout):
-                return await handle.result()
+                return await client.run(workflow, input)
         except TimeoutError:
             raise TimeoutError(
-                f"{workflow} run {handle.run_id} had no result after {run_timeout} s ({dep.description})"
+                f"a {workflow} run had no result after {run_timeout} s ({dep.description}); "
+                f"`flowctl runs` lists it"
             ) from None
-        except RunFailed:
+        except RunFailed as exc:
             # A failed run is an error, not a data point: leave its journal for whoever looks into it.
-            events = await client.journal(handle.run_id, workflow)
-            print(f"journal of failed run {handle.run_id}:", file=sys.stderr)
+            run_id = getattr(exc.status, "run_id", "?")
+            events = await client.journal(run_id, workflow)
+            print(f"journal of failed run {run_id}:", file=sys.stderr)
             for event in events:
                 print(f"  {event['node']} {event['kind']} {event.get('data')!s:.300}", file=sys.stderr)
             raise
