@@ -184,8 +184,9 @@ def configure_telemetry(
     - ``OTEL_METRICS_EXPORTER``: ``otlp``, ``console``, ``prometheus`` or ``none`` (default);
       ``metrics_port`` (the worker's ``--metrics-port``) adds a Prometheus endpoint on that port.
     - ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``http/protobuf`` (default) or ``grpc``. Endpoints, headers,
-      timeouts (``OTEL_EXPORTER_OTLP_*``), batching (``OTEL_BSP_*``), the export interval
-      (``OTEL_METRIC_EXPORT_INTERVAL``) and the sampler (``OTEL_TRACES_SAMPLER``) are read by the SDK.
+      timeouts (``OTEL_EXPORTER_OTLP_*``) are read by the exporters (for spans over HTTP, ours:
+      :func:`span_exporter`); batching (``OTEL_BSP_*``), the export interval
+      (``OTEL_METRIC_EXPORT_INTERVAL``) and the sampler (``OTEL_TRACES_SAMPLER``) by the SDK.
     - ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``: override ``service_name`` and our defaults.
 
     ``span_export`` (default ``$FLOW_SPAN_EXPORT``, else ``thread``): ``thread`` uses the SDK's
