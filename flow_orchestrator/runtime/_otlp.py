@@ -1,11 +1,11 @@
 """OTLP/HTTP span export with a direct protobuf encoder: the worker's ``http/protobuf`` trace exporter.
 
 The SDK's OTLP exporters build a protobuf object for every span, attribute and value in Python code:
-about 46 µs for one node-attempt span on our benchmark machine, and a third of everything tracing
-costs a worker (docs/performance.md). :func:`encode_spans` writes the same OTLP bytes directly, in
-about 9 µs, keeping the encoded form of attribute pairs that repeat from span to span (workflow, node,
-run id, outcome). Its output decodes to exactly what the SDK's encoder produces (tests/test_otlp.py
-checks that on generated spans of every shape).
+36-48 µs for one node-attempt span on our benchmark machine, and a third of everything tracing
+cost a worker (docs/performance.md). :func:`encode_spans` writes the same OTLP bytes directly, in
+8-12 µs (``python -m bench.otlp``), keeping the encoded form of attribute pairs that repeat from
+span to span (workflow, node, run id, outcome). Its output decodes to exactly what the SDK's encoder
+produces (tests/test_otlp.py checks that on generated spans of every shape).
 
 :class:`OTLPSpanExporter` sends it as OTLP/HTTP does, configured by the same variables as the SDK's
 exporter (``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``_HEADERS``, ``_TIMEOUT`` in seconds as the
