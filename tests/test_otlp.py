@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from email.utils import formatdate
@@ -215,7 +216,7 @@ def test_kept_encodings_keep_the_sign_of_zero_and_not_long_text() -> None:
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     server = Receiver()
-    thread = __import__("threading").Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
     server.shutdown()
