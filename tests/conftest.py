@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from flow_orchestrator.bus import EmbeddedServer
 from flow_orchestrator.testing import LocalEnvironment
+from tests._otlp import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -54,3 +56,13 @@ async def env_factory(nats_url: str) -> AsyncIterator[object]:
     yield start
     for env in started:
         await env.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """An OTLP/HTTP trace receiver on 127.0.0.1 (tests/_otlp.py), serving from its own thread."""
+    server = Receiver()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()

@@ -6,9 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from email.utils import formatdate
 from typing import Any
 
@@ -211,16 +209,6 @@ def test_kept_encodings_keep_the_sign_of_zero_and_not_long_text() -> None:
 
 
 # --- the transport ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
-from collections.abc import Iterator
 
 import msgpack
 import pytest
@@ -72,15 +70,6 @@ def test_a_flattened_span_rebuilds_to_the_same_span() -> None:
     assert again.resource is resource
     assert again.context is not None
     assert again.context.trace_state.get("vendor") == "x1"
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def _exporting_provider(
