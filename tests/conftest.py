@@ -8,12 +8,15 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from flow_orchestrator.bus import EmbeddedServer
 from flow_orchestrator.testing import LocalEnvironment
-from tests._otlp import Receiver
+
+if TYPE_CHECKING:
+    from tests._otlp import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -61,6 +64,8 @@ async def env_factory(nats_url: str) -> AsyncIterator[object]:
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     """An OTLP/HTTP trace receiver on 127.0.0.1 (tests/_otlp.py), serving from its own thread."""
+    from tests._otlp import Receiver  # here: the repo root is on sys.path only below the imports
+
     server = Receiver()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
