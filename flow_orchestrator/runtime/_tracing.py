@@ -188,7 +188,7 @@ class TracingInterceptor(Interceptor):
             raise
 
     async def execute_node(self, input: ExecuteNodeInput, call_next: NodeCall) -> Any:
-        tracer = self._sdk_tracer()
+        tracer = self._tracer if self._settled else self._sdk_tracer()
         if tracer is None:
             return await call_next(input)
         run = self._parent_of(input.headers)
@@ -212,16 +212,19 @@ class TracingInterceptor(Interceptor):
             span.record_exception(exc)
             span.set_attributes({"outcome": "failed", "error.type": type(exc).__qualname__})
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.end()
             raise
         except BaseException:
             span.set_attribute("outcome", "cancelled")  # the run was cancelled or the worker stopped
+            span.end()
             raise
-        else:
-            span.set_attribute("outcome", "completed")
-            return output
         finally:
             context_api.detach(token)
+        if isinstance(span, AttemptSpan):
+            span.end_completed()
+        else:
             span.end()
+        return output
 
     async def publish(self, input: PublishInput, call_next: PublishCall) -> None:
         state = input.headers.get("tracestate")
@@ -431,6 +434,14 @@ class AttemptSpan(trace_api.Span, ReadableSpan):
             self._end_time = end_time or time.time_ns()
             self._processor.on_end(self)
 
+    def end_completed(self) -> None:
+        """``set_attribute("outcome", "completed")`` and ``end()`` in one call: every successful
+        attempt ends so, and its calls are part of what tracing costs each step."""
+        if self._end_time is None:
+            self._attributes["outcome"] = "completed"
+            self._end_time = time.time_ns()
+            self._processor.on_end(self)
+
 
 @dataclass(slots=True)
 class RunTrace:
@@ -461,13 +472,14 @@ def start_light_span(
     """An :class:`AttemptSpan` that is a child of the run's span, or a non-recording span when the
     sampler says so (asked once per run when its answer cannot change)."""
     parent = run.parent
-    trace_id = parent.trace_id if parent.is_valid else tracer.id_generator.generate_trace_id()
+    valid = parent.is_valid
+    trace_id = parent.trace_id if valid else tracer.id_generator.generate_trace_id()
     sampling = run.sampling
     if sampling is None:
         sampling = tracer.sampler.should_sample(run.context, trace_id, name, SpanKind.CONSUMER, attributes)
         if sampling.attributes:  # a sampler answers with the span's attributes (the SDK uses them)
             attributes = {**attributes, **sampling.attributes}
-        if parent.is_valid and _decides_by_parent(tracer.sampler):
+        if valid and _decides_by_parent(tracer.sampler):
             # Keep the decision and trace state only: the attributes were this span's.
             run.sampling = SamplingResult(sampling.decision, None, sampling.trace_state)
     sampled = sampling.decision is Decision.RECORD_AND_SAMPLE
@@ -485,7 +497,7 @@ def start_light_span(
         scope,
         name,
         context=context,
-        parent=parent if parent.is_valid else None,
+        parent=parent if valid else None,
         attributes=attributes,
         start_time=start_time,
     )
