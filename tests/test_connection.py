@@ -6,16 +6,17 @@ import asyncio
 import contextlib
 import socket
 import uuid
+from typing import Any
 
 import nats.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from flow_orchestrator import Client, StorageSettings
+from flow_orchestrator import Client, NodeContext, StorageSettings, Workflow
 from flow_orchestrator.bus import EmbeddedServer, Names, connect, provision
 from flow_orchestrator.bus._pull import EARLY_REQUESTS, Capacity, PullFeed
-from flow_orchestrator.testing import eventually
+from flow_orchestrator.testing import LocalEnvironment, eventually
 
 
 def _free_port() -> int:
@@ -155,3 +156,79 @@ async def test_a_pull_request_the_server_ended_is_forgotten_and_a_refusal_pauses
 
 async def _never(msg: Msg) -> None:
     raise AssertionError("no message was sent")
+
+
+class _CuttableLink:
+    """A loopback TCP forwarder to the server: ``cut()`` drops every connection through it and
+    refuses new ones, ``restore()`` listens again on the same port. A real link going down."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+        await self._server.wait_closed()
+
+    async def restore(self) -> None:
+        await self.start()
+
+
+async def test_a_run_that_ends_while_the_client_is_cut_off_still_returns(env_factory: Any) -> None:
+    """A core subscription misses what is published while its connection is down: the run's
+    terminal event among it. After reconnecting, the waiting client looks the run up instead."""
+    entered, gate = asyncio.Event(), asyncio.Event()
+    wf = Workflow("held")
+
+    @wf.node()
+    async def hold(ctx: NodeContext) -> int:
+        entered.set()
+        await gate.wait()
+        return 7
+
+    env: LocalEnvironment = await env_factory([wf])
+    link = _CuttableLink(int(env.url.rsplit(":", 1)[1]))
+    await link.start()
+    client = await Client.connect(f"nats://127.0.0.1:{link.port}", prefix=env.prefix)
+    try:
+        waiting = asyncio.create_task(client.run("held", {}))
+        await asyncio.wait_for(entered.wait(), 30)
+        await link.cut()
+        await eventually(lambda: not client.bus.nc.is_connected, within=10)
+        announced: asyncio.Queue[Msg] = asyncio.Queue()
+        sub = await env.client.bus.nc.subscribe(
+            env.names.run_event("held", "*", "completed"), cb=announced.put
+        )
+        gate.set()  # the run ends, and its terminal event goes out, while the client is cut off
+        await asyncio.wait_for(announced.get(), 15)
+        await sub.unsubscribe()
+        assert not waiting.done()  # the client did miss it
+        await link.restore()
+        async with asyncio.timeout(15):
+            assert await waiting == 7
+    finally:
+        await client.close()
+        await link.cut()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -39,6 +40,7 @@ from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus,
 from flow_orchestrator.runtime._workflow import Workflow, shape_from_description
 
 READ_TRIES = 30  # about half a minute of backoff, longer than a leader election
+log = logging.getLogger("flow_orchestrator.client")
 _TERMINAL_RUN = {RunStatus.COMPLETED.value, RunStatus.FAILED.value, RunStatus.CANCELLED.value}
 
 
@@ -98,12 +100,24 @@ class RunSnapshot:
 
 @dataclass(slots=True)
 class _Watch:
-    """A run's terminal event (or trigger rejection) as it arrives, and the subscriptions for it."""
+    """A run's terminal event (or trigger rejection) as it arrives, and the subscriptions for it.
+
+    A core subscription misses what is published while its connection is down, so after each
+    reconnection ``on_reconnect`` looks the run up instead (``looks`` holds those tasks)."""
 
     done: asyncio.Future[tuple[str, str | None, dict[str, Any]]]
+    bus: Bus
+    on_reconnect: Callable[[], None] | None = None
     subs: list[Any] = field(default_factory=list)
+    looks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def close(self) -> None:
+        if self.on_reconnect is not None:
+            with contextlib.suppress(ValueError):
+                self.bus.reconnected.remove(self.on_reconnect)
+            self.on_reconnect = None
+        for task in self.looks:
+            task.cancel()
         for sub in self.subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -147,7 +161,16 @@ class RunHandle:
             if not done.done():
                 done.set_result(("rejected", None, decode(msg.data)))
 
-        watch = _Watch(done)
+        watch = _Watch(done, self.client.bus)
+
+        def on_reconnect() -> None:
+            if not done.done():
+                task = asyncio.ensure_future(self._look(done))
+                watch.looks.add(task)
+                task.add_done_callback(watch.looks.discard)
+
+        watch.on_reconnect = on_reconnect
+        self.client.bus.reconnected.append(on_reconnect)
         try:
             watch.subs.append(
                 await nc.subscribe(names.run_event(self.workflow, self.run_id, "*"), cb=on_run_event)
@@ -158,6 +181,22 @@ class RunHandle:
             await watch.close()
             raise
         return watch
+
+    async def _look(self, done: asyncio.Future[tuple[str, str | None, dict[str, Any]]]) -> None:
+        """Resolve ``done`` from the run record (or the trigger's rejection) if the run has ended:
+        its terminal event may have come while the connection was down."""
+        try:
+            record = await self.client._run_record(self.run_id)
+            rejected = None if record else await self.client._rejection(self.workflow, self.run_id)
+        except Exception as exc:  # the next reconnection looks again; the event may still come
+            log.debug("looking up run %s after a reconnection failed: %s", self.run_id, exc)
+            return
+        if done.done():
+            return
+        if record is not None and record.get("status") in _TERMINAL_RUN:
+            done.set_result(("end", record["status"], record))
+        elif rejected is not None:
+            done.set_result(("rejected", None, rejected))
 
     async def _ended(self, watch: _Watch, *, look_first: bool, whole_record: bool) -> dict[str, Any]:
         """The run's record once it has ended (closes ``watch``).
