@@ -89,7 +89,7 @@ async def test_pull_feeds_ask_again_as_soon_as_the_connection_comes_back() -> No
                 expires=600.0,
                 heartbeat=60.0,
             )
-            bus.reconnected.append(feed.forget_requests)
+            bus.reconnected.add(feed.forget_requests)
             await feed.start()
             # Past its first, short-lived requests: from now on each lives ten minutes.
             await eventually(lambda: feed is not None and feed._requests > EARLY_REQUESTS, within=30)

@@ -122,7 +122,7 @@ class Actor:
             batch=self._concurrency,
         )
         await self._feed.start()
-        self.system.bus.reconnected.append(self._feed.forget_requests)
+        self.system.bus.reconnected.add(self._feed.forget_requests)
         self._heartbeat = asyncio.create_task(self._heartbeats(), name=f"{self.name}-heartbeat")
 
     async def _dispatch(self, msg: Msg) -> None:
@@ -219,8 +219,7 @@ class Actor:
             return
         self._stopping = True
         if self._feed is not None:
-            with contextlib.suppress(ValueError):
-                self.system.bus.reconnected.remove(self._feed.forget_requests)
+            self.system.bus.reconnected.discard(self._feed.forget_requests)
             await self._feed.stop()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)

@@ -20,8 +20,10 @@ class Bus:
 
     nc: NatsClient
     js: JetStreamContext
-    # Called after each reconnection: a restarted server has forgotten this connection's pull requests.
-    reconnected: list[Callable[[], None]] = field(default_factory=list)
+    # Called after each reconnection: a restarted server has forgotten this connection's pull requests,
+    # and what was published meanwhile never reached its plain subscriptions. A set: each waiting
+    # client call adds and removes itself, thousands at once in a batch of runs.
+    reconnected: set[Callable[[], None]] = field(default_factory=set)
 
     async def close(self) -> None:
         """Drain: flush what was published and deliver what was received, then close."""

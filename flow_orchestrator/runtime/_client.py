@@ -113,8 +113,7 @@ class _Watch:
 
     async def close(self) -> None:
         if self.on_reconnect is not None:
-            with contextlib.suppress(ValueError):
-                self.bus.reconnected.remove(self.on_reconnect)
+            self.bus.reconnected.discard(self.on_reconnect)
             self.on_reconnect = None
         for task in self.looks:
             task.cancel()
@@ -170,7 +169,7 @@ class RunHandle:
                 task.add_done_callback(watch.looks.discard)
 
         watch.on_reconnect = on_reconnect
-        self.client.bus.reconnected.append(on_reconnect)
+        self.client.bus.reconnected.add(on_reconnect)
         try:
             watch.subs.append(
                 await nc.subscribe(names.run_event(self.workflow, self.run_id, "*"), cb=on_run_event)
