@@ -19,6 +19,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import nats.js.errors as js_errors
@@ -219,7 +220,22 @@ async def check_exactly_once(
     (a repeat is legitimate only when a ``lost`` event in the journal accounts for it)."""
     executions = workers.executions()
     run_ids = {handle.run_id for handle, _ in runs}
-    journals = await asyncio.gather(*(client.journal(handle.run_id, "relay") for handle, _ in runs))
+
+    async def journals_now() -> list[list[dict[str, Any]]]:
+        return list(await asyncio.gather(*(client.journal(handle.run_id, "relay") for handle, _ in runs)))
+
+    async def announced() -> bool:
+        # A run's record is its truth and its terminal event follows the record write: when that
+        # publish fails (the events stream electing a leader), the supervisor's message comes back
+        # and announces again, up to ~10 s later. result() may return from the record (a client
+        # that reconnected looks it up) before that, so wait for the announcements, then check.
+        return all(
+            any(e["node"] == "_run" and e["kind"] == "completed" for e in j) for j in await journals_now()
+        )
+
+    with contextlib.suppress(AssertionError):  # still missing after this: reported below, exactly
+        await eventually(announced, within=60, interval=0.5)
+    journals = await journals_now()
     problems: list[str] = []
     duplicates: dict[str, int] = {}
     lost_total = 0
