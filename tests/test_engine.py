@@ -210,7 +210,7 @@ async def test_trigger_without_msg_id_gets_a_generated_run_id(env_factory: Any) 
 
 
 async def test_repeated_msg_id_starts_one_run(env_factory: Any) -> None:
-    env: LocalEnvironment = await env_factory([wfs.chain(3)])
+    env: LocalEnvironment = await env_factory([wfs.chain(3)], announce_starts_after=0)  # every start
     first = await env.client.start("chain", {}, run_id="same-key")
     second = await env.client.start("chain", {}, run_id="same-key")
     assert first.run_id == second.run_id == "same-key"

@@ -18,7 +18,16 @@ import nats.errors
 import pytest
 from rich.console import Console
 
-from flow_orchestrator import Client, NodeContext, RunEvent, RunNotFound, RunStatus, Workflow
+from flow_orchestrator import (
+    Client,
+    NodeContext,
+    NonRetryableError,
+    RunEvent,
+    RunFailed,
+    RunNotFound,
+    RunStatus,
+    Workflow,
+)
 from flow_orchestrator.runtime._timeline import build_timeline, trace_id_of
 from flow_orchestrator.runtime._view import watch_run
 from flow_orchestrator.testing import LocalEnvironment, eventually
@@ -39,6 +48,15 @@ async def first(ctx: NodeContext) -> int:
 async def hold(ctx: NodeContext) -> int:
     await GATES[ctx.run_id].wait()  # the test opens the gate
     return ctx.output("first") + 1
+
+
+slow_failure = Workflow("obs_slow_failure")
+
+
+@slow_failure.node()
+async def late(ctx: NodeContext) -> None:
+    await asyncio.sleep(0.3)  # past the 0.1 s after which an attempt is announced
+    raise NonRetryableError("late failure")
 
 
 quick = Workflow("obs_quick")
@@ -66,9 +84,10 @@ async def test_events_follow_a_run_live_and_stop_after_it_ends(env_factory: Any)
             seen.append(event)
             if (event.node, event.kind) == ("hold", "started"):
                 GATES[run_id].set()  # the run can only end because this event arrived while it ran
+    # `first` returns at once: its completion tells its start. `hold` runs past the worker's
+    # announce_starts_after (0.1 s by default), so it is announced while it runs.
     assert steps(seen) == [
         (None, "started"),
-        ("first", "started"),
         ("first", "completed"),
         ("hold", "started"),
         ("hold", "completed"),
@@ -79,7 +98,41 @@ async def test_events_follow_a_run_live_and_stop_after_it_ends(env_factory: Any)
     assert all(isinstance(event.at, float) and event.at > 0 for event in seen)
     assert seen[-1].ends_run
     assert seen[-1].data["results"] == {"hold": 2}
-    assert seen[4].data["output"] == 2
+    assert seen[3].data["output"] == 2
+    announced, ended = seen[2].data, seen[3].data
+    assert announced["started_at"] == ended["started_at"] < ended["finished_at"]
+    assert announced["worker"] == ended["worker"] == seen[1].data["worker"]
+
+
+async def test_a_long_attempt_is_announced_while_it_runs_and_before_its_outcome(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([slow_failure])
+    handle = await env.client.start(slow_failure)
+
+    async def announced() -> list[tuple[str, str]] | None:
+        kinds = [(e["node"], e["kind"]) for e in await env.client.journal(handle.run_id, "obs_slow_failure")]
+        return kinds if ("late", "started") in kinds else None
+
+    assert ("late", "attempt_failed") not in await eventually(announced)  # seen while the action ran
+    with pytest.raises(RunFailed):
+        await handle.result()
+    journal = await env.client.journal(handle.run_id, "obs_slow_failure")
+    late_events = [e for e in journal if e["node"] == "late"]
+    assert [e["kind"] for e in late_events] == ["started", "attempt_failed"]
+    started, failed = late_events[0]["data"], late_events[1]["data"]
+    assert started["started_at"] == failed["started_at"]
+    assert failed["finished_at"] - failed["started_at"] >= 0.3
+    assert started["worker"] == failed["worker"] == env.workers[0].worker_id
+
+
+async def test_every_start_is_announced_when_asked(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([quick], announce_starts_after=0)
+    handle = await env.client.start(quick)
+    assert await handle.result() == "done"
+    async with asyncio.timeout(20):
+        replayed = [event async for event in env.client.events(handle.run_id)]
+    announced = [(None, "started"), ("only", "started"), ("only", "completed"), (None, "completed")]
+    assert steps(replayed) == announced
+    assert replayed[1].data["started_at"] == replayed[2].data["started_at"]
 
 
 async def test_events_of_a_finished_run_replay_its_journal_and_stop(env_factory: Any) -> None:
@@ -88,12 +141,10 @@ async def test_events_of_a_finished_run_replay_its_journal_and_stop(env_factory:
     assert await handle.result() == "done"
     async with asyncio.timeout(20):
         replayed = [event async for event in env.client.events(handle.run_id)]  # workflow from the record
-    assert steps(replayed) == [
-        (None, "started"),
-        ("only", "started"),
-        ("only", "completed"),
-        (None, "completed"),
-    ]
+    assert steps(replayed) == [(None, "started"), ("only", "completed"), (None, "completed")]
+    done = replayed[1].data
+    assert done["started_at"] <= done["finished_at"]
+    assert done["worker"] == env.workers[0].worker_id
     journal = await env.client.journal(handle.run_id, "obs_quick")
     assert [event.journal_entry() for event in replayed] == [
         {key: entry[key] for key in ("node", "kind", "at", "data")} for entry in journal

@@ -108,6 +108,7 @@ class ActorSystem:
         self.capacity = Capacity(max_in_flight)
         self.consumer_nodes: dict[str, tuple[str, str]] = {}  # durable consumer -> (workflow, node)
         self.api_prefix = "$JS.API"
+        self.announce_starts_after = 0.0  # seconds an attempt runs before its started event goes out
         self.chain: InterceptorChain  # set by the worker once interceptors are known
         self._gate_subs: list[Subscription] = []
 

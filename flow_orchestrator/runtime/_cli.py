@@ -83,6 +83,13 @@ def _add_hosting_commands(command: Callable[..., Parser]) -> None:
         "--ack-wait", type=float, default=30.0, help="seconds before a silent worker's work moves on"
     )
     p.add_argument("--max-deliver", type=int, default=20, help="deliveries before a message is dead-lettered")
+    p.add_argument(
+        "--announce-starts-after",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="publish an attempt's started event once it has run this long (0: every attempt)",
+    )
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port")
 
 

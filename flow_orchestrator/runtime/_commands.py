@@ -144,6 +144,7 @@ async def worker(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         ack_wait=args.ack_wait,
         max_deliver=args.max_deliver,
+        announce_starts_after=args.announce_starts_after,
         # One compact log line per attempt outcome (at INFO, the worker's default level), with the
         # run's fields and trace id on it; tracing and metrics when OTEL_* turns them on.
         interceptors=[LoggingInterceptor(), *(telemetry.interceptors if telemetry else ())],
