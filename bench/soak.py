@@ -170,6 +170,9 @@ class Fleet:
         command = [sys.executable, "-m", "flow_orchestrator.runtime._cli", "worker", "bench.soak:WORKFLOWS"]
         command += ["--nats", self.url, "--prefix", self.prefix, "--replicas", "3"]
         command += ["--ack-wait", str(self.ack_wait), "--log-level", "INFO"]
+        # Every attempt announced: the kills' accounting counts a killed worker's running attempts
+        # from their started events, and these steps take 10-100 ms.
+        command += ["--announce-starts-after", "0"]
         with open(self.workdir / f"worker-{self.spawned}.log", "wb") as log:
             proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.spawned += 1

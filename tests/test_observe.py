@@ -21,13 +21,17 @@ from rich.console import Console
 from flow_orchestrator import (
     Client,
     NodeContext,
+    NodeStatus,
     NonRetryableError,
+    RunCancelled,
     RunEvent,
     RunFailed,
     RunNotFound,
     RunStatus,
     Workflow,
 )
+from flow_orchestrator.bus import Interceptor, PublishInput
+from flow_orchestrator.runtime._journal import fold_events
 from flow_orchestrator.runtime._timeline import build_timeline, trace_id_of
 from flow_orchestrator.runtime._view import watch_run
 from flow_orchestrator.testing import LocalEnvironment, eventually
@@ -57,6 +61,34 @@ slow_failure = Workflow("obs_slow_failure")
 async def late(ctx: NodeContext) -> None:
     await asyncio.sleep(0.3)  # past the 0.1 s after which an attempt is announced
     raise NonRetryableError("late failure")
+
+
+ENTERED: dict[str, asyncio.Event] = {}
+parked = Workflow("obs_parked")
+
+
+@parked.node()
+async def park(ctx: NodeContext) -> None:
+    ENTERED[ctx.run_id].set()
+    await asyncio.Event().wait()  # until the run is cancelled
+
+
+slow_start = Workflow("obs_slow_start")
+
+
+@slow_start.node()
+async def mid(ctx: NodeContext) -> int:
+    await asyncio.sleep(0.15)  # announced at 0.1 s, while it still runs
+    return 1
+
+
+class SlowStartedEvents(Interceptor):
+    """Holds each ``mid.started`` publish 0.3 s: the action ends while its announcement is under way."""
+
+    async def publish(self, input: PublishInput, call_next: Any) -> None:
+        if input.subject.endswith(".mid.started"):
+            await asyncio.sleep(0.3)
+        await call_next(input)
 
 
 quick = Workflow("obs_quick")
@@ -122,6 +154,56 @@ async def test_a_long_attempt_is_announced_while_it_runs_and_before_its_outcome(
     assert started["started_at"] == failed["started_at"]
     assert failed["finished_at"] - failed["started_at"] >= 0.3
     assert started["worker"] == failed["worker"] == env.workers[0].worker_id
+
+
+async def test_an_announcement_under_way_is_published_before_the_outcome(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([slow_start], interceptors=[SlowStartedEvents()])
+    handle = await env.client.start(slow_start)
+    assert await handle.result() == 1
+    journal = await env.client.journal(handle.run_id, "obs_slow_start")
+    assert [e["kind"] for e in journal if e["node"] == "mid"] == ["started", "completed"]
+
+
+async def test_a_run_cancelled_before_its_attempt_was_announced_keeps_the_attempts_start(
+    env_factory: Any,
+) -> None:
+    env: LocalEnvironment = await env_factory([parked])
+    run_id = uuid4().hex
+    ENTERED[run_id] = asyncio.Event()
+    handle = await env.client.start(parked, run_id=run_id)
+    await asyncio.wait_for(ENTERED[run_id].wait(), 10)
+    await handle.cancel("at once")  # well within the first 0.1 s of the attempt, usually
+    with pytest.raises(RunCancelled):
+        await handle.result()
+
+    async def cancelled() -> dict[str, Any] | None:
+        journal = await env.client.journal(run_id, "obs_parked")
+        return next((e for e in journal if (e["node"], e["kind"]) == ("park", "cancelled")), None)
+
+    event = (await eventually(cancelled))["data"]
+    assert event["started_at"] <= event["finished_at"]
+    assert event["worker"] == env.workers[0].worker_id
+    view = (await handle.status()).nodes["park"]
+    assert view.status is NodeStatus.CANCELLED
+    assert view.started_at == event["started_at"]
+
+
+def test_a_node_view_takes_each_attempts_start_from_its_own_events() -> None:
+    """Pure folding: an attempt that failed quickly has no started event, and an earlier attempt's
+    must not stand in for it."""
+    first = {"attempt": 1, "retry": True, "started_at": 10.0, "finished_at": 10.5}
+    events = [
+        {"node": "n", "kind": "started", "at": 10.1, "data": {"attempt": 1, "started_at": 10.0}},
+        {"node": "n", "kind": "attempt_failed", "at": 10.5, "data": first},
+        {"node": "n", "kind": "attempt_failed", "at": 70.0, "data": {"attempt": 2, "started_at": 69.99}},
+        {"node": "q", "kind": "attempt_failed", "at": 5.0, "data": {"attempt": 1, "started_at": 4.99}},
+        {"node": "c", "kind": "cancelled", "at": 8.0, "data": {"attempt": 1, "started_at": 7.5}},
+    ]
+    views = fold_events(events)
+    assert (views["n"].attempts, views["n"].started_at, views["n"].finished_at) == (2, 69.99, 70.0)
+    assert views["n"].status is NodeStatus.FAILED
+    assert views["q"].started_at == 4.99
+    assert (views["c"].status, views["c"].started_at) == (NodeStatus.CANCELLED, 7.5)
 
 
 async def test_every_start_is_announced_when_asked(env_factory: Any) -> None:

@@ -234,7 +234,13 @@ class NodeActor(Actor):
             if self.system.gate.closed(attempt.run_id) == "cancelled":
                 task.uncancel()
                 await self._announced(attempt)
-                await self._finish(msg, attempt, "cancelled", {"attempt": attempt.attempt})
+                ended = {
+                    "attempt": attempt.attempt,
+                    "started_at": attempt.started_at,
+                    "finished_at": time.time(),
+                    "worker": self.system.worker_id,
+                }
+                await self._finish(msg, attempt, "cancelled", ended)
                 return
             raise
         except Exception as exc:

@@ -63,6 +63,17 @@ def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
+def _seconds(text: str) -> float:
+    """A duration option: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
+
+
 def _add_hosting_commands(command: Callable[..., Parser]) -> None:
     """``server`` and ``worker``: the long-running processes."""
     p = command("server", cmd.server, "run an embedded nats-server with JetStream until Ctrl-C")
@@ -85,7 +96,7 @@ def _add_hosting_commands(command: Callable[..., Parser]) -> None:
     p.add_argument("--max-deliver", type=int, default=20, help="deliveries before a message is dead-lettered")
     p.add_argument(
         "--announce-starts-after",
-        type=float,
+        type=_seconds,
         default=0.1,
         metavar="SECONDS",
         help="publish an attempt's started event once it has run this long (0: every attempt)",

@@ -64,6 +64,8 @@ def fold_event(views: dict[str, NodeView], event: Mapping[str, Any]) -> None:
         view.attempts = max(view.attempts, attempt)
         view.status = NodeStatus.RETRYING if data.get("retry") else NodeStatus.FAILED
         view.error = data.get("error")
+        # Its own start: a quick attempt has no started event, and an earlier one's would be wrong.
+        view.started_at = data.get("started_at", view.started_at)
         view.finished_at = data.get("finished_at", event.get("at"))
     elif kind == "completed":
         view.status = NodeStatus.COMPLETED
@@ -77,4 +79,5 @@ def fold_event(views: dict[str, NodeView], event: Mapping[str, Any]) -> None:
         view.error = data.get("error", view.error)
     elif kind == "cancelled":
         view.status = NodeStatus.CANCELLED
+        view.started_at = data.get("started_at", view.started_at)
         view.finished_at = data.get("finished_at", event.get("at"))

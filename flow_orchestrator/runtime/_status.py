@@ -164,7 +164,11 @@ ALLOWED_TRANSITIONS: Mapping[NodeStatus, frozenset[NodeStatus]] = MappingProxyTy
         **{status: frozenset() for status in TERMINAL_NODE_STATUSES - {_S.COMPLETED}},
     }
 )
-"""Status -> the statuses it may be replaced by; every other terminal status is final."""
+"""Status -> the statuses it may be replaced by; every other terminal status is final.
+
+The rules of a node's lifecycle, not of what its journal shows: an attempt that ends before the
+worker announces it (``Worker(announce_starts_after=...)``) went through Running without a
+``started`` event, so a view built from the journal may move from Pending to its outcome at once."""
 
 
 class InvalidTransition(ValueError):

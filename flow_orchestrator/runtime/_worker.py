@@ -94,7 +94,7 @@ class Worker:
         self.ack_wait = ack_wait
         self.max_deliver = max_deliver
         self.shutdown_grace = shutdown_grace
-        if announce_starts_after < 0:
+        if not announce_starts_after >= 0:  # also refuses nan
             raise ValueError(f"announce_starts_after must be 0 or more seconds, got {announce_starts_after}")
         self.announce_starts_after = announce_starts_after
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
