@@ -175,3 +175,30 @@ async def test_a_join_gets_every_output_whether_it_rode_in_the_record_or_not(env
     env: LocalEnvironment = await env_factory([wf], workers=2)
     for _ in range(3):
         assert await env.client.run("mixed_join", {}) == sizes
+
+
+async def test_many_fan_ins_on_two_workers_each_run_their_join_once(env_factory: Any) -> None:
+    """Forty fan-ins at once, their arrivals coalesced and racing between two workers differently in
+    every run: each join runs exactly once and sees every output."""
+    wf = Workflow("many_joins")
+    ran: list[str] = []
+    leaves = [f"l{i}" for i in range(6)]
+
+    def leaf(i: int) -> Any:
+        async def action(ctx: NodeContext) -> int:
+            return i
+
+        return action
+
+    for i, name in enumerate(leaves):
+        wf.node(name)(leaf(i))
+
+    @wf.node(depends_on=leaves)
+    async def join(ctx: NodeContext) -> int:
+        ran.append(ctx.run_id)
+        return sum(ctx.outputs[name] for name in leaves)
+
+    env: LocalEnvironment = await env_factory([wf], workers=2)
+    results = await asyncio.gather(*(env.client.run("many_joins", {}) for _ in range(40)))
+    assert results == [15] * 40
+    assert len(ran) == len(set(ran)) == 40
