@@ -234,13 +234,7 @@ class NodeActor(Actor):
             if self.system.gate.closed(attempt.run_id) == "cancelled":
                 task.uncancel()
                 await self._announced(attempt)
-                ended = {
-                    "attempt": attempt.attempt,
-                    "started_at": attempt.started_at,
-                    "finished_at": time.time(),
-                    "worker": self.system.worker_id,
-                }
-                await self._finish(msg, attempt, "cancelled", ended)
+                await self._finish(msg, attempt, "cancelled", self._outcome(attempt))
                 return
             raise
         except Exception as exc:
@@ -294,15 +288,17 @@ class NodeActor(Actor):
             with contextlib.suppress(Exception):
                 await asyncio.shield(announcing)
 
-    async def _finish_completed(self, msg: Msg, attempt: Attempt, output: Any) -> None:
-        body = {
-            "output": output,
-            "input": attempt.raw_input,
+    def _outcome(self, attempt: Attempt) -> dict[str, Any]:
+        """What every outcome event says of its attempt: for a quick one, the only record of it."""
+        return {
             "attempt": attempt.attempt,
             "started_at": attempt.started_at,
             "finished_at": time.time(),
             "worker": self.system.worker_id,
         }
+
+    async def _finish_completed(self, msg: Msg, attempt: Attempt, output: Any) -> None:
+        body = {"output": output, "input": attempt.raw_input, **self._outcome(attempt)}
         subject = self._subject(attempt.run_id, "completed")
         headers = {**attempt.trace, **EXPECT_NEW_SUBJECT}
         await self._publish_outcome(lambda: self.system.emit(subject, body, headers=headers))
@@ -316,15 +312,12 @@ class NodeActor(Actor):
         error = rec.error_info(exc, policy)
         retry = bool(error["retryable"]) and policy.allows_another(attempt.attempt)
         body = {
-            "attempt": attempt.attempt,
             "error": error,
             "retry": retry,
             "policy": rec.policy_dict(policy),
             "input": attempt.raw_input,
             "outputs": attempt.outputs,
-            "started_at": attempt.started_at,
-            "finished_at": time.time(),
-            "worker": self.system.worker_id,
+            **self._outcome(attempt),
         }
         await self._finish(msg, attempt, "attempt_failed", body)
 
