@@ -181,20 +181,25 @@ def worker_processes(
     kill: bool = False,
     env: dict[str, str] | None = None,
     ready_timeout: float = 60.0,
+    options: dict[str, str] | None = None,
+    root: Path | None = None,
 ) -> Iterator[list[WorkerProcess]]:
     """``count`` worker subprocesses hosting ``target``; stopped by PID afterwards, with SIGTERM (a
     drain) or, when ``kill``, SIGKILL (for benchmarks that leave work in flight on purpose).
 
     Their output goes to files, never to a pipe nobody reads: a worker that prints a lot must not
     block on a full pipe in the middle of a measurement. The files are removed afterwards unless a
-    worker printed a traceback."""
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    worker printed a traceback. ``options`` are further ``Worker`` arguments (``KEY: VALUE`` text);
+    ``root`` runs the workers from another checkout of the repository (its engine and its bench)."""
+    path = os.pathsep.join([str(root or ROOT), os.environ.get("PYTHONPATH", "")])
     child_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     args = [sys.executable, "-m", "bench._worker", url, target, prefix, "--replicas", str(replicas)]
     if concurrency is not None:
         args += ["--concurrency", str(concurrency)]
     if max_in_flight is not None:
         args += ["--max-in-flight", str(max_in_flight)]
+    for key, value in (options or {}).items():
+        args += ["--option", f"{key}={value}"]
     logs = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     workers = []
     for i in range(count):

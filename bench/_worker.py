@@ -1,5 +1,6 @@
 """A benchmark worker process:
-``python -m bench._worker URL MODULE:ATTR PREFIX [--replicas N] [--concurrency N] [--max-in-flight N]``.
+``python -m bench._worker URL MODULE:ATTR PREFIX [--replicas N] [--concurrency N] [--max-in-flight N]
+[--option KEY=VALUE ...]``.
 
 Prints "ready" once its actors listen. ``BENCH_PROFILE=PATH`` profiles it with cProfile and writes
 ``PATH.<pid>.prof`` when it stops (SIGTERM), for finding where a workload's time goes.
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import cProfile
 import importlib
+import json
 import os
 import signal
 import tracemalloc
@@ -31,6 +33,7 @@ async def main(args: argparse.Namespace) -> None:
         options["concurrency"] = args.concurrency
     if args.max_in_flight is not None:
         options["max_in_flight"] = args.max_in_flight
+    options.update(worker_options(args.option))
     worker = Worker(
         workflows,
         nats_url=args.url,
@@ -71,6 +74,21 @@ def _write_allocations(path: str, top: int = 25) -> None:
     partial.replace(path)  # whoever waits for ``path`` never reads half a file
 
 
+def worker_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as ``Worker`` keyword arguments; a value that reads as JSON (a number,
+    ``true``) is taken as such, anything else as a string."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option wants KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(text)
+        except ValueError:
+            options[key] = text
+    return options
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("url")
@@ -79,6 +97,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=1, help="3 on a cluster")
     parser.add_argument("--concurrency", type=int, help="messages one actor handles at once")
     parser.add_argument("--max-in-flight", type=int, help="messages the worker holds at once")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="any other Worker argument"
+    )
     return parser.parse_args()
 
 
