@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +181,7 @@ def worker_processes(
     kill: bool = False,
     env: dict[str, str] | None = None,
     ready_timeout: float = 60.0,
-    options: dict[str, str] | None = None,
+    options: Sequence[str] = (),
     root: Path | None = None,
 ) -> Iterator[list[WorkerProcess]]:
     """``count`` worker subprocesses hosting ``target``; stopped by PID afterwards, with SIGTERM (a
@@ -189,7 +189,7 @@ def worker_processes(
 
     Their output goes to files, never to a pipe nobody reads: a worker that prints a lot must not
     block on a full pipe in the middle of a measurement. The files are removed afterwards unless a
-    worker printed a traceback. ``options`` are further ``Worker`` arguments (``KEY: VALUE`` text);
+    worker printed a traceback. ``options`` are further ``Worker`` arguments, ``KEY=VALUE`` each;
     ``root`` runs the workers from another checkout of the repository (its engine and its bench)."""
     path = os.pathsep.join([str(root or ROOT), os.environ.get("PYTHONPATH", "")])
     child_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
@@ -198,8 +198,8 @@ def worker_processes(
         args += ["--concurrency", str(concurrency)]
     if max_in_flight is not None:
         args += ["--max-in-flight", str(max_in_flight)]
-    for key, value in (options or {}).items():
-        args += ["--option", f"{key}={value}"]
+    for option in options:
+        args += ["--option", option]
     logs = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     workers = []
     for i in range(count):

@@ -25,19 +25,10 @@ from typing import Any
 
 from bench._harness import embedded_server, percentile, result_line, run, worker_processes, write_results
 from bench._measure import EXPECTED, WrongResult
+from bench._worker import worker_options
 from flow_orchestrator import Client
 
 RUNS_PER_BATCH = {"chain20": 10, "fan100": 10, "io50": 5}
-
-
-def pairs(texts: list[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for text in texts:
-        key, sep, value = text.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"expected KEY=VALUE, got {text!r}")
-        found[key] = value
-    return found
 
 
 async def measure(url: str, workflow: str, prefixes: dict[str, str], batches: int, runs: int) -> Any:
@@ -81,13 +72,14 @@ def main() -> None:
     args = parser.parse_args()
     workflow = args.workload
     runs = args.runs or RUNS_PER_BATCH[workflow]
-    options = {"A": pairs(args.a), "B": pairs(args.b)}
+    given = {"A": args.a, "B": args.b}  # passed on as written; parsed here only to check and report
+    options = {side: worker_options(pairs) for side, pairs in given.items()}
     prefixes = {side: f"ab{side.lower()}{uuid.uuid4().hex[:6]}" for side in options}
     target = f"bench.workloads:{workflow}"
     with (
         embedded_server() as server,
-        worker_processes(server.url, target, prefixes["A"], 2, options=options["A"]),
-        worker_processes(server.url, target, prefixes["B"], 2, options=options["B"], root=args.b_tree),
+        worker_processes(server.url, target, prefixes["A"], 2, options=given["A"]),
+        worker_processes(server.url, target, prefixes["B"], 2, options=given["B"], root=args.b_tree),
     ):
         samples = run(measure(server.url, workflow, prefixes, args.batches, runs))
     a, b = statistics.median(samples["A"]), statistics.median(samples["B"])
