@@ -81,7 +81,7 @@ def worker_options(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--option wants KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"a Worker option is KEY=VALUE, got {pair!r}")
         try:
             options[key] = json.loads(text)
         except ValueError:
