@@ -37,6 +37,14 @@ class Unknown:
 UNKNOWN = Unknown()
 
 
+class KeyTaken(StateConflict):
+    """A create found the key holding a value; :attr:`current` is that value, read on the way."""
+
+    def __init__(self, message: str, current: Versioned) -> None:
+        super().__init__(message)
+        self.current = current
+
+
 def _is_conflict(exc: BaseException) -> bool:
     if isinstance(exc, js_errors.KeyWrongLastSequenceError):
         return True
@@ -65,7 +73,7 @@ class StateStore:
 
     async def create(self, key: str, value: Any) -> int:
         """Write ``value`` only if ``key`` has none (or only a delete marker); raise
-        :class:`StateConflict` otherwise.
+        :class:`StateConflict` otherwise (:class:`KeyTaken`, with the value found, when it has one).
 
         nats-py's ``create`` probes for a delete marker on conflict and, on a cluster, a lagging
         replica can answer that probe "not found": that must read as the conflict it is.
@@ -77,11 +85,15 @@ class StateStore:
             if not _is_conflict(exc):
                 raise
         try:
-            await self._kv.get(key, validate_keys=False)
+            entry = await self._kv.get(key, validate_keys=False)
         except js_errors.KeyNotFoundError as missing:
             marker = getattr(missing, "entry", None)
             if marker is not None and marker.revision:  # deleted: recreate over the marker
                 return await self.update(key, value, marker.revision)
+        else:
+            if entry.value is not None and entry.revision is not None:
+                found = Versioned(decode(entry.value), entry.revision)
+                raise KeyTaken(f"state key {key!r} already exists", found)
         raise StateConflict(f"state key {key!r} already exists")
 
     async def update(self, key: str, value: Any, revision: int) -> int:
@@ -112,18 +124,22 @@ class StateStore:
         ``change`` receives the current value (``None`` if absent) and returns the new value, or
         ``None`` to leave the key alone. Returns the value written (or ``None``) and its revision.
         ``guess`` (what the caller last wrote, or ``None``: absent) saves the first read; a wrong
-        guess costs a conflict, after which the key is read as usual.
+        guess costs a conflict, after which the key is read (a failed create has read it already).
         """
+        known = guess
         for attempt in range(attempts):
-            current = await self.get(key) if attempt or isinstance(guess, Unknown) else guess
+            current = await self.get(key) if isinstance(known, Unknown) else known
+            known = UNKNOWN
             result = change(current.value if current else None)
             new = await result if isinstance(result, Awaitable) else result
             if new is None:
                 return None, current.revision if current else None
             try:
                 revision = await self.write(key, new, current.revision if current else None)
-            except StateConflict:
-                # The first retry re-reads at once (the read itself staggers two racing writers);
+            except StateConflict as conflict:
+                if isinstance(conflict, KeyTaken):
+                    known = conflict.current  # read while finding out: no second read
+                # The first retry goes again at once (the read itself staggers two racing writers);
                 # later ones back off a little, at random, so writers stop colliding in lockstep.
                 if attempt:
                     await asyncio.sleep(random.uniform(0, 0.001 * attempt))
