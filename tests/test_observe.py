@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import re
 import sys
@@ -154,6 +155,35 @@ async def test_a_long_attempt_is_announced_while_it_runs_and_before_its_outcome(
     assert started["started_at"] == failed["started_at"]
     assert failed["finished_at"] - failed["started_at"] >= 0.3
     assert started["worker"] == failed["worker"] == env.workers[0].worker_id
+
+
+async def test_a_held_attempt_keeps_no_spent_announcement_timer(env_factory: Any) -> None:
+    """Once a long attempt is announced, it drops the timer that announced it: held runs would
+    otherwise each keep a spent timer handle (about 2 MB over ``bench.memory``'s 10,000)."""
+    env: LocalEnvironment = await env_factory([held])
+    run_id = uuid4().hex
+    GATES[run_id] = asyncio.Event()
+    handle = await env.client.start(held, run_id=run_id)
+
+    async def hold_announced() -> bool:
+        journal = await env.client.journal(run_id, "obs_held")
+        return any(e["node"] == "hold" and e["kind"] == "started" for e in journal)
+
+    await eventually(hold_announced)
+
+    def announcement_timers() -> int:
+        return sum(
+            1
+            for obj in gc.get_objects()
+            if isinstance(obj, asyncio.TimerHandle)
+            and getattr(obj._callback, "__name__", "") == "_announce_later"
+        )
+
+    try:
+        assert announcement_timers() == 0  # the action still runs: only the spent handle could be left
+    finally:
+        GATES[run_id].set()
+    assert await handle.result() == 2
 
 
 async def test_an_announcement_under_way_is_published_before_the_outcome(env_factory: Any) -> None:

@@ -55,7 +55,10 @@ class Attempt:
     outputs: dict[str, Any]
     started_at: float = 0.0
     trace: dict[str, str] = field(default_factory=dict)
-    announcing: asyncio.Task[None] | None = None  # its started event, while being published
+    # Its started event: due (a timer, dropped once it fires: a held run keeps no spent handle),
+    # then being published.
+    timer: asyncio.TimerHandle | None = None
+    announcing: asyncio.Task[None] | None = None
 
 
 class NodeActor(Actor):
@@ -219,9 +222,8 @@ class NodeActor(Actor):
         )
         attempt.started_at = time.time()
         delay = self.system.announce_starts_after
-        timer = None
         if delay > 0:
-            timer = asyncio.get_running_loop().call_later(delay, self._announce_later, attempt)
+            attempt.timer = asyncio.get_running_loop().call_later(delay, self._announce_later, attempt)
         else:
             await self._announce_start(attempt)
         task = asyncio.current_task()
@@ -242,8 +244,9 @@ class NodeActor(Actor):
             await self._finish_failed(msg, attempt, request, exc)
             return
         finally:
-            if timer is not None:
-                timer.cancel()  # over, or abandoned (the worker stops): nothing to announce now
+            if attempt.timer is not None:
+                attempt.timer.cancel()  # over, or abandoned (the worker stops): nothing to announce now
+                attempt.timer = None
             self.system.gate.untrack(attempt.run_id, task)
         await self._announced(attempt)
         crash_point("node.after_action", self.node.name)
@@ -269,6 +272,7 @@ class NodeActor(Actor):
         )
 
     def _announce_later(self, attempt: Attempt) -> None:
+        attempt.timer = None
         announcing = asyncio.get_running_loop().create_task(self._announce_start(attempt))
         attempt.announcing = announcing
 
