@@ -503,6 +503,14 @@ async def verify(client: Client, tracker: Tracker, fleet: Fleet, events: list[Ev
                 unexplained += 1
                 examples.append(f"{run_id}/{node}: {ran} executions, {allowed - 1} lost or failed attempts")
     dlq = await client.bus.js.stream_info(client.names.dlq_stream)
+    # What made attempts fail (the node's policy retried them): expected under chaos are the NATS
+    # node's kill (a KV read or write during the election) and timeouts; anything else is a finding.
+    failures: dict[str, tuple[int, str]] = {}
+    for _, _, kind, _, payload in events:
+        if kind == "attempt_failed":
+            error = payload.get("error") or {}
+            count, example = failures.get(str(error.get("type")), (0, str(error.get("message"))[:200]))
+            failures[str(error.get("type"))] = (count + 1, example)
     return {
         "node_executions": sum(executions.values()),
         "node_completions": sum(
@@ -514,6 +522,9 @@ async def verify(client: Client, tracker: Tracker, fleet: Fleet, events: list[Ev
         "lost_data_runs": len(wrong),
         "attempts_lost": sum(v for (_, kind), v in kinds.items() if kind.endswith(".lost")),
         "attempts_failed": sum(v for (_, kind), v in kinds.items() if kind.endswith(".attempt_failed")),
+        "attempts_failed_by_error": {
+            kind: {"count": count, "example": text} for kind, (count, text) in failures.items()
+        },
         "dead_letters": dlq.state.messages,
         "examples": examples[:20] + [f"wrong or missing output: {r}" for r in wrong[:20]],
     }
