@@ -105,6 +105,22 @@ async def test_two_books_racing_on_one_join_start_from_what_they_wrote(
     assert stored.value == last
 
 
+async def test_a_decided_join_is_not_kept_in_the_workers_memory(env_factory: Any) -> None:
+    """A worker remembers what it last wrote to a join only until the join is decided: after that
+    no arrival writes it again, and holding it would keep its outputs (28 KB a fan100 run) until
+    4,096 other joins pushed it out."""
+    env: LocalEnvironment = await env_factory([])
+    book = JoinBook(env.client.store, {"a", "b"})
+    await book.arrive("join.r5.n", "a", 1, {"x": 1})
+    assert "join.r5.n" in book._written  # undecided: the next arrival writes from it
+    decided = await book.arrive("join.r5.n", "b", 2, {"x": 2})
+    assert decided is not None
+    assert decided["holder"] == 2
+    assert "join.r5.n" not in book._written
+    again = await book.arrive("join.r5.n", "a", 1, {"x": 1})  # a redelivery reads the record
+    assert again == decided
+
+
 async def _completions(env: LocalEnvironment, run_id: str, nodes: int, *, completed: int) -> list[str]:
     """The completion subjects of nodes n0.. of a run; the first ``completed`` get ``{"output": i}``."""
     subjects = [env.names.event("wf", run_id, f"n{i}", "completed") for i in range(nodes)]

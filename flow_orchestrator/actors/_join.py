@@ -18,7 +18,7 @@ from flow_orchestrator._bounded import remember
 from flow_orchestrator._errors import FlowError
 from flow_orchestrator.bus._kv import StateStore, Versioned
 
-WRITTEN_KEYS = 4096  # join keys whose last write this worker remembers
+WRITTEN_KEYS = 4096  # undecided join keys whose last write this worker remembers
 # An upstream output whose completion event is at most this big rides in the join record, when all
 # of a join's upstreams together fit in INLINE_RECORD_BYTES; the others are read from the journal.
 INLINE_OUTPUT_BYTES = 1024
@@ -42,7 +42,7 @@ class JoinBook:
         self._locks: dict[str, asyncio.Lock] = {}
         self._latest: dict[str, dict[str, Any] | None] = {}
         self._users: dict[str, int] = {}
-        # What this worker last wrote to each recent join key: the next write's compare-and-set
+        # What this worker last wrote to each undecided join key: the next write's compare-and-set
         # starts from it instead of reading the key first (one round trip less when no other worker
         # wrote in between). A key never seen is guessed absent: most joins start with a create.
         self._written: OrderedDict[str, Versioned] = OrderedDict()
@@ -104,7 +104,12 @@ class JoinBook:
 
         written, revision = await self._store.mutate(key, add, guess=self._written.get(key))
         if written is not None and revision is not None:
-            remember(self._written, key, Versioned(written, revision), WRITTEN_KEYS)
+            if written["holder"] is None:
+                remember(self._written, key, Versioned(written, revision), WRITTEN_KEYS)
+            else:
+                # Decided: no arrival will write it again (a redelivery reads it), so keeping it
+                # would only hold its outputs: 28 KB a fan100 run, 110 MB a worker after 5,000.
+                self._written.pop(key, None)
             return written
         current = await self._store.get(key)  # nothing new: a redelivery; report what is recorded
         return current.value if current is not None else None
