@@ -9,6 +9,7 @@ import nats.errors
 import pytest
 
 from flow_orchestrator import NodeContext, Workflow
+from flow_orchestrator.actors import _join
 from flow_orchestrator.actors._join import JoinBook, JoinNotRecorded
 from flow_orchestrator.bus import _journal, encode
 from flow_orchestrator.testing import LocalEnvironment
@@ -119,6 +120,23 @@ async def test_a_decided_join_is_not_kept_in_the_workers_memory(env_factory: Any
     assert "join.r5.n" not in book._written
     again = await book.arrive("join.r5.n", "a", 1, {"x": 1})  # a redelivery reads the record
     assert again == decided
+
+
+async def test_a_join_written_long_ago_is_forgotten(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker may decide a join this one wrote to, and nothing tells this one: what it wrote
+    is forgotten after ``WRITTEN_FOR`` seconds; a later arrival finds the record all the same."""
+    monkeypatch.setattr(_join, "WRITTEN_FOR", 0.05)
+    env: LocalEnvironment = await env_factory([])
+    book = JoinBook(env.client.store, {"a", "b", "c"})
+    await book.arrive("join.r6.n", "a", 1)
+    await book.arrive("join.r7.n", "a", 1)
+    assert list(book._written) == ["join.r6.n", "join.r7.n"]
+    await asyncio.sleep(0.1)
+    late = await book.arrive("join.r7.n", "b", 2)  # guessed absent: the create fails, the read is used
+    assert late == {"arrived": ["a", "b"], "holder": None, "outputs": {}}
+    assert list(book._written) == ["join.r7.n"]  # r6's went with its age, r7's was written again
 
 
 async def _completions(env: LocalEnvironment, run_id: str, nodes: int, *, completed: int) -> list[str]:

@@ -10,6 +10,7 @@ key's lock, so the only races left are between workers.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Set
 from typing import Any
@@ -19,6 +20,11 @@ from flow_orchestrator._errors import FlowError
 from flow_orchestrator.bus._kv import StateStore, Versioned
 
 WRITTEN_KEYS = 4096  # undecided join keys whose last write this worker remembers
+# ... for this long. Another worker may decide a join this one wrote to, and nothing tells this
+# one: without an age limit each such record stayed until 4,096 newer ones pushed it out. An
+# arrival this much later than the worker's last write to its join guesses it absent (a failed
+# create and its read: two round trips more).
+WRITTEN_FOR = 10.0  # seconds
 # An upstream output whose completion event is at most this big rides in the join record, when all
 # of a join's upstreams together fit in INLINE_RECORD_BYTES; the others are read from the journal.
 INLINE_OUTPUT_BYTES = 1024
@@ -45,7 +51,7 @@ class JoinBook:
         # What this worker last wrote to each undecided join key: the next write's compare-and-set
         # starts from it instead of reading the key first (one round trip less when no other worker
         # wrote in between). A key never seen is guessed absent: most joins start with a create.
-        self._written: OrderedDict[str, Versioned] = OrderedDict()
+        self._written: OrderedDict[str, tuple[Versioned, float]] = OrderedDict()  # and when
 
     @property
     def inlines_outputs(self) -> bool:
@@ -102,10 +108,10 @@ class JoinBook:
             outputs.update((s, batch[s][1]) for s in new if batch[s][1] is not NOT_INLINE)
             return {"arrived": arrived, "holder": winner, "outputs": outputs}
 
-        written, revision = await self._store.mutate(key, add, guess=self._written.get(key))
+        written, revision = await self._store.mutate(key, add, guess=self._last_written(key))
         if written is not None and revision is not None:
             if written["holder"] is None:
-                remember(self._written, key, Versioned(written, revision), WRITTEN_KEYS)
+                remember(self._written, key, (Versioned(written, revision), time.monotonic()), WRITTEN_KEYS)
             else:
                 # Decided: no arrival will write it again (a redelivery reads it), so keeping it
                 # would only hold its outputs: 28 KB a fan100 run, 110 MB a worker after 5,000.
@@ -113,3 +119,14 @@ class JoinBook:
             return written
         current = await self._store.get(key)  # nothing new: a redelivery; report what is recorded
         return current.value if current is not None else None
+
+    def _last_written(self, key: str) -> Versioned | None:
+        """What this worker last wrote to ``key`` (None: guess absent), once older entries are gone."""
+        now = time.monotonic()
+        while self._written:
+            oldest = next(iter(self._written.values()))
+            if now - oldest[1] < WRITTEN_FOR:
+                break
+            self._written.popitem(last=False)
+        found = self._written.get(key)
+        return found[0] if found is not None else None
