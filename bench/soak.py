@@ -509,8 +509,9 @@ async def verify(client: Client, tracker: Tracker, fleet: Fleet, events: list[Ev
     for _, _, kind, _, payload in events:
         if kind == "attempt_failed":
             error = payload.get("error") or {}
-            count, example = failures.get(str(error.get("type")), (0, str(error.get("message"))[:200]))
-            failures[str(error.get("type"))] = (count + 1, example)
+            name = str(error.get("type"))
+            count, example = failures.get(name, (0, str(error.get("message"))[:200]))
+            failures[name] = (count + 1, example)
     return {
         "node_executions": sum(executions.values()),
         "node_completions": sum(
