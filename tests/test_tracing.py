@@ -103,6 +103,16 @@ def _check_retry_trace(found: Sequence[ReadableSpan], run_id: str) -> ReadableSp
     assert [e.name for e in failed.events] == ["exception"]
     assert "flaky on its first attempt" in str(failed.events[0].attributes)
     assert retried.status.status_code is StatusCode.UNSET
+    for attempt in (s for spans in attempts.values() for s in spans):  # semantic conventions: messaging
+        assert attempt.kind is SpanKind.CONSUMER
+        assert attempt.attributes is not None
+        assert attempt.attributes["messaging.system"] == "nats"
+        assert attempt.attributes["messaging.operation.type"] == "process"
+        assert attempt.attributes["messaging.operation.name"] == "process"
+    # the message each attempt processed: the run's trigger, an upstream's completion, a retry
+    assert str(attempts["fetch"][0].attributes["messaging.destination.name"]).endswith("._run.started")  # type: ignore[index]
+    assert str(attempts["store"][0].attributes["messaging.destination.name"]).endswith(".enrich.completed")  # type: ignore[index]
+    assert str(retried.attributes["messaging.destination.name"]).endswith(".enrich.retry")  # type: ignore[index]
     assert started.start_time is not None
     assert root.start_time is not None
     assert root.end_time is not None
@@ -450,6 +460,8 @@ async def test_two_worker_processes_export_one_trace_per_run(
         assert enrich[0]["status"] == 2
         assert enrich[0]["events"] == ["exception"]
         assert enrich[1]["status"] != 2
+        assert enrich[1]["attributes"]["messaging.operation.type"] == "process"
+        assert enrich[1]["attributes"]["messaging.destination.name"].endswith(f".{run_id}.enrich.retry")
         assert {s["resource"]["service.name"] for s in found} == {"flow-test-worker"}
         mixed += len({s["resource"]["service.instance.id"] for s in found}) > 1
     pids = {s["resource"]["process.pid"] for spans in by_run.values() for s in spans}

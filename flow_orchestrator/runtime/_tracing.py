@@ -192,19 +192,16 @@ class TracingInterceptor(Interceptor):
         if tracer is None:
             return await call_next(input)
         run = self._parent_of(input.headers)
-        span = start_light_span(
-            tracer,
-            self._scope,
-            f"{input.workflow}.{input.node}",
-            run,
-            {
-                "messaging.system": "nats",
-                "workflow": input.workflow,
-                "run_id": input.run_id,
-                "node": input.node,
-                "attempt": input.attempt,
-            },
-        )
+        attributes: dict[str, AttributeValue] = {
+            **_MESSAGING,
+            "workflow": input.workflow,
+            "run_id": input.run_id,
+            "node": input.node,
+            "attempt": input.attempt,
+        }
+        if input.subject:  # the message this attempt processes (semantic conventions: if known)
+            attributes["messaging.destination.name"] = input.subject
+        span = start_light_span(tracer, self._scope, f"{input.workflow}.{input.node}", run, attributes)
         token = context_api.attach(trace_api.set_span_in_context(span, run.context))
         try:
             output = await call_next(input)
