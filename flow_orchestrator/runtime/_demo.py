@@ -200,7 +200,7 @@ async def _start_worker(nats_url: str, prefix: str, log_path: Path) -> asyncio.s
             "-m",
             "flow_orchestrator.runtime._cli",
             "worker",
-            f"{__name__}:order",
+            "flow_orchestrator.examples:order",  # what deploy/ runs, so `make demo` exercises it too
             "--nats",
             nats_url,
             "--prefix",
