@@ -32,6 +32,7 @@ from flow_orchestrator._errors import (
     WorkflowDefinitionError,
 )
 from flow_orchestrator.bus import ExecuteNodeInput, Interceptor, PublishInput, StorageSettings, TriggerInput
+from flow_orchestrator.bus.types import NodeCall, PublishCall, TriggerCall
 from flow_orchestrator.runtime import (
     Client,
     KVWorkflowStore,
@@ -77,12 +78,14 @@ __all__ = [
     "MalformedMessage",
     "MessageError",
     "MetricsInterceptor",
+    "NodeCall",
     "NodeContext",
     "NodeStatus",
     "NodeTimeout",
     "NonRetryableError",
     "PayloadTooLarge",
     "PayloadValidationInterceptor",
+    "PublishCall",
     "PublishInput",
     "RetryAfter",
     "RetryInterceptor",
@@ -98,6 +101,7 @@ __all__ = [
     "StorageSettings",
     "TimeoutInterceptor",
     "TracingInterceptor",
+    "TriggerCall",
     "TriggerInput",
     "UnencodableValue",
     "UnknownDependencyError",

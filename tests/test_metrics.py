@@ -99,12 +99,14 @@ async def test_run_ends_dead_letters_and_lost_attempts_are_counted_once(meter: A
         await _publish(metrics, "p.evt.wf.r1._run.cancelled", ended)
     await _publish(metrics, "p.evt.wf.r2._run.failed", {**ended, "error": {"type": "X"}})
     await _publish(metrics, "p.evt.wf._none._trigger.rejected", {"reason": "malformed"})
+    await _publish(metrics, "p.evt.wf.r4._dlq.dead_lettered", {"reason": "max_deliveries"})  # in a run
     await _publish(metrics, "p.evt.wf.r3.a.lost", {"attempt": 1})
     await _publish(metrics, "p.evt.wf.r3.a.completed", {"output": 1})  # a node's completion: no run metric
     assert _count(reader, "flow.runs.cancelled", workflow="wf") == 1
     assert _count(reader, "flow.runs.failed", workflow="wf") == 1
     assert _count(reader, "flow.runs.completed", workflow="wf") == 0
     assert _count(reader, "flow.dead_letters", workflow="wf", reason="malformed") == 1
+    assert _count(reader, "flow.dead_letters", workflow="wf", reason="max_deliveries") == 1
     assert _count(reader, "flow.node.attempts.lost", workflow="wf", node="a") == 1
     (cancelled,) = [
         p for k, p in _points(reader, "flow.run.duration").items() if ("status", "cancelled") in k

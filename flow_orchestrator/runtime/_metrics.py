@@ -15,13 +15,15 @@ from opentelemetry import metrics
 
 from flow_orchestrator._bounded import remember
 from flow_orchestrator.bus._interceptors import Interceptor
-from flow_orchestrator.bus._subjects import RUN_TOKEN, TRIGGER_TOKEN
+from flow_orchestrator.bus._subjects import DLQ_TOKEN, RUN_TOKEN, TRIGGER_TOKEN
 from flow_orchestrator.bus.types import ExecuteNodeInput, NodeCall, PublishCall, PublishInput
 from flow_orchestrator.runtime._tracing import INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION
 
 # Seconds: from a millisecond step to a long action (the SDK's default buckets are for milliseconds).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
-_WATCHED = frozenset({"started", "completed", "failed", "cancelled", "retrying", "lost", "rejected"})
+_WATCHED = frozenset(
+    {"started", "completed", "failed", "cancelled", "retrying", "lost", "rejected", "dead_lettered"}
+)
 
 
 class MetricsInterceptor(Interceptor):
@@ -105,7 +107,10 @@ class MetricsInterceptor(Interceptor):
         attributes = {"workflow": workflow}
         if node == RUN_TOKEN:
             self._run_event(workflow, run_id, kind, payload)
-        elif node == TRIGGER_TOKEN and kind == "rejected":
+        elif (node == TRIGGER_TOKEN and kind == "rejected") or (
+            node == DLQ_TOKEN and kind == "dead_lettered"
+        ):
+            # A trigger that became no run, or a message of a running run (poison, max_deliveries).
             self.dead_letters.add(1, {**attributes, "reason": str(payload.get("reason") or "unknown")})
         elif kind == "retrying":
             self.retries.add(1, {**attributes, "node": node})
