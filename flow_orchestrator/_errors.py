@@ -128,6 +128,10 @@ class RunNotFound(FlowError, LookupError):
     """No run has this id (it never started, or its record expired)."""
 
 
+class PermissionDenied(FlowError, PermissionError):
+    """The NATS server refused this connection's user something (see ``deploy/nats/accounts.conf``)."""
+
+
 # --- state ---------------------------------------------------------------------------------------
 class StateConflict(FlowError):
     """A compare-and-set on workflow state lost a race: someone else wrote first."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,8 +12,14 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from flow_orchestrator._bounded import remember
+
 log = logging.getLogger("flow_orchestrator.bus")
 DEFAULT_URL = "nats://127.0.0.1:4222"
+# The server refuses a publish with an error on the connection, not with a reply: the request then
+# only times out. What it refused is kept so that the timeout can be reported as what it is.
+_REFUSED_PUBLISH = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+REFUSALS_KEPT = 256
 
 
 @dataclass(slots=True)
@@ -24,6 +32,12 @@ class Bus:
     # and what was published meanwhile never reached its plain subscriptions. A set: each waiting
     # client call adds and removes itself, thousands at once in a batch of runs.
     reconnected: set[Callable[[], None]] = field(default_factory=set)
+    # Subjects (lower case, as the client reports them) the server refused to let us publish to.
+    refused: OrderedDict[str, str] = field(default_factory=OrderedDict)
+
+    def refusal(self, subject: str) -> str | None:
+        """The server's words if it refused a publish to ``subject`` on this connection."""
+        return self.refused.get(subject.lower())
 
     async def close(self) -> None:
         """Drain: flush what was published and deliver what was received, then close."""
@@ -55,6 +69,9 @@ async def connect(
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats connection error: %s", exc)
+        refused = _REFUSED_PUBLISH.search(str(exc))
+        if refused is not None:
+            remember(bus.refused, refused.group(1).lower(), str(exc), REFUSALS_KEPT)
 
     async def on_disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):

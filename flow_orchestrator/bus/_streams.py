@@ -59,6 +59,16 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, *, update: 
             await js.update_stream(config)
 
 
+async def bind(js: JetStreamContext, names: Names) -> StateStore | None:
+    """The state bucket when workers have provisioned the deployment (:func:`provision` creates it
+    after the streams), else None. One stream-info request: a client whose user may read but not
+    create streams (``deploy/nats/accounts.conf``) connects with it."""
+    try:
+        return StateStore(await js.key_value(names.state_bucket))
+    except js_errors.BucketNotFoundError:
+        return None
+
+
 async def provision(
     js: JetStreamContext, names: Names, settings: StorageSettings, *, update: bool = True
 ) -> StateStore:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from flow_orchestrator._errors import (
     InvalidPayload,
+    PermissionDenied,
     RunCancelled,
     RunFailed,
     RunNotFound,
@@ -30,7 +31,7 @@ from flow_orchestrator.bus._codec import CONTENT_TYPE, MSGPACK_TYPE, decode, enc
 from flow_orchestrator.bus._connection import DEFAULT_URL, Bus, connect
 from flow_orchestrator.bus._journal import last_event, read_events
 from flow_orchestrator.bus._kv import StateStore
-from flow_orchestrator.bus._streams import StorageSettings, provision
+from flow_orchestrator.bus._streams import StorageSettings, bind, provision
 from flow_orchestrator.bus._subjects import TRIGGER_TOKEN, Names, check_run_id, parse_event_subject
 from flow_orchestrator.runtime._dead_letters import DeadLetter, list_dead_letters, replay_dead_letter
 from flow_orchestrator.runtime._events import RunEvent, follow_run, follow_workflow
@@ -289,7 +290,10 @@ class Client:
         names = Names(prefix)
         bus = await connect(nats_url or os.environ.get("NATS_URL", DEFAULT_URL), name="flow-client")
         try:
-            store = await provision(bus.js, names, storage or StorageSettings(), update=False)
+            # Bind to what workers provisioned; create it only in a deployment no worker has seen yet.
+            store = await bind(bus.js, names) or await provision(
+                bus.js, names, storage or StorageSettings(), update=False
+            )
         except BaseException:
             await bus.close()
             raise
@@ -343,7 +347,17 @@ class Client:
         """Publish the run's trigger; whether JetStream already had one with this run id."""
         headers = {"Nats-Msg-Id": handle.run_id, CONTENT_TYPE: MSGPACK_TYPE}
         propagate.inject(headers)  # nothing when no span is current
-        ack = await self.bus.js.publish(self.names.trigger(handle.workflow), encode(input), headers=headers)
+        subject = self.names.trigger(handle.workflow)
+        try:
+            ack = await self.bus.js.publish(subject, encode(input), headers=headers)
+        except nats.errors.TimeoutError:
+            refused = self.bus.refusal(subject)
+            if refused is None:
+                raise
+            raise PermissionDenied(
+                f"the NATS server refused to let this connection publish the trigger to {subject!r} "
+                f"({refused}); connect as a user allowed to start runs (deploy/nats/accounts.conf)"
+            ) from None
         return bool(ack.duplicate)
 
     async def run(
