@@ -21,6 +21,7 @@ from uuid import uuid4
 import pytest
 
 from flow_orchestrator import NodeContext, NonRetryableError, RunFailed, Workflow
+from flow_orchestrator.runtime._cli import main as cli_main
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,6 +193,29 @@ async def test_bad_targets_and_inputs_are_usage_errors(subprocess_env: dict[str,
     assert "--input must be JSON" in bad_json.err
     unknown_command = await flowctl("launch", env=subprocess_env)
     assert unknown_command.code == 2
+    deep = await flowctl("trigger", "cli_sum", "--input", "[" * 5000 + "]" * 5000, env=subprocess_env)
+    assert deep.code == 2
+    assert "--input must be JSON" in deep.err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("worker", "tests.cli_workflows:wf", "--concurrency", "0"),
+        ("worker", "tests.cli_workflows:wf", "--max-deliver", "-1"),
+        ("worker", "tests.cli_workflows:wf", "--ack-wait", "0"),
+        ("run", "cli_sum", "--timeout", "nan"),
+        ("runs", "--limit", "-1"),
+        ("dlq", "replay", "0"),
+        ("--replicas", "0", "runs"),
+    ],
+)
+def test_out_of_range_options_are_usage_errors_before_anything_happens(
+    args: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(list(args)) == 2
+    # argparse refuses them (nothing is connected or published), naming the option and the bound.
+    assert re.search(r"error: argument [^:]+: must be ", capsys.readouterr().err)
 
 
 async def test_unknown_workflow_exits_2_with_a_clear_message(subprocess_env: dict[str, str]) -> None:

@@ -25,6 +25,7 @@ from flow_orchestrator import (
     WorkflowBuilder,
 )
 from flow_orchestrator.bus import decode, decode_trigger, encode
+from flow_orchestrator.bus._codec import decode_event
 from flow_orchestrator.runtime._dag import find_cycle, topological_order, validate_graph
 
 
@@ -296,6 +297,14 @@ def test_codec_round_trip_and_trigger_formats() -> None:
         decode_trigger(b"{nope", {"Content-Type": "application/json; charset=utf-8"})
     with pytest.raises(MalformedMessage):
         decode(b"\xc1")
+    json_type = {"Content-Type": "application/json"}
+    with pytest.raises(MalformedMessage):  # valid JSON that Python's parser cannot take
+        decode_trigger(b"[" * 100_000 + b"]" * 100_000, json_type)
+    with pytest.raises(MalformedMessage):
+        decode_trigger(b"1" * 5_000, json_type)
+    with pytest.raises(MalformedMessage, match="expected a map"):
+        decode_event(encode(42), "p.evt.wf.r._run.started")
+    assert decode_event(b"", "p.evt.wf.r.a.completed", empty_ok=True) == {}
     with pytest.raises(PayloadTooLarge, match="above the 10-byte limit"):
         decode_trigger(b"x" * 11, None, max_size=10)
     with pytest.raises(TypeError, match="cannot encode"):

@@ -17,6 +17,7 @@ from flow_orchestrator import (
     RunFailed,
     RunNotFound,
     RunStatus,
+    StorageSettings,
     UnknownWorkflow,
     Workflow,
 )
@@ -295,6 +296,42 @@ async def test_malformed_and_invalid_triggers_are_dead_lettered(env_factory: Any
     info = await js.consumer_info(env.names.triggers_stream, "trigger_diamond")
     assert info.num_ack_pending == 0
     assert info.num_redelivered == 0
+
+
+async def test_a_run_id_reused_after_its_trigger_was_rejected(env_factory: Any) -> None:
+    window = 1.0  # the triggers stream's deduplication window
+    env: LocalEnvironment = await env_factory([wfs.diamond], storage=StorageSettings(duplicate_window=window))
+    # A raw publisher's invalid trigger (Client.start with the Workflow would refuse it first).
+    headers = {"Nats-Msg-Id": "reused-1"}
+    await env.client.bus.js.publish(env.names.trigger("diamond"), encode({"amount": -5}), headers=headers)
+    with pytest.raises(InvalidPayload, match="amount"):
+        await env.client.get_handle("reused-1", "diamond").result()
+    good = {"order_id": "x", "amount": 3}
+    # Inside the window the corrected trigger is dropped as a repeat of the rejected one: say so.
+    with pytest.raises(InvalidPayload, match="start with a new run id"):
+        await env.client.run("diamond", good, run_id="reused-1")
+    # Past it, a run starts, and its waiter is not answered with the earlier trigger's rejection.
+    await asyncio.sleep(window + 1.0)
+    assert (await env.client.run("diamond", good, run_id="reused-1"))["charged"] == 3
+
+
+async def test_an_input_larger_than_the_server_takes_is_a_typed_error(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.diamond])
+    with pytest.raises(PayloadTooLarge, match="larger than the NATS server accepts"):
+        await env.client.start("diamond", {"order_id": "x" * 2_000_000, "amount": 1})
+
+
+async def test_an_event_that_is_not_a_map_is_dead_lettered_at_once(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.diamond])
+    js = env.client.bus.js
+    await js.publish(env.names.run_event("diamond", "stray-1", "started"), encode(42))  # to node actors
+    await js.publish(env.names.event("diamond", "stray-2", "validate", "attempt_failed"), encode([1, 2]))
+    records = await _dead_letters(env, 2)
+    assert {r["reason"] for r in records} == {"malformed"}
+    assert all("expected a map of event fields" in r["error"] for r in records)
+    for consumer in ("node_diamond_validate", "supervisor_diamond"):  # first delivery, no retries
+        info = await js.consumer_info(env.names.events_stream, consumer)
+        assert (info.num_ack_pending, info.num_redelivered) == (0, 0)
 
 
 async def test_unknown_workflow_trigger_is_dead_lettered(env_factory: Any) -> None:

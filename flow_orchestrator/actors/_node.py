@@ -34,7 +34,7 @@ from flow_orchestrator.actors._actor import TRANSIENT, Actor, ConsumerSpec, log
 from flow_orchestrator.actors._faults import crash_point
 from flow_orchestrator.actors._join import INLINE_OUTPUT_BYTES, NOT_INLINE, JoinBook
 from flow_orchestrator.actors._system import ActorSystem
-from flow_orchestrator.bus._codec import decode
+from flow_orchestrator.bus._codec import decode_event
 from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event, last_events
 from flow_orchestrator.bus._propagation import trace_headers
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
@@ -123,7 +123,7 @@ class NodeActor(Actor):
         if self.system.gate.closed(run_id) and not await self.system.reopened(run_id):
             await msg.ack()
             return None
-        payload = decode(msg.data)
+        payload = decode_event(msg.data, msg.subject)
         meta = msg.metadata
         redelivered = meta.num_delivered - 1
         if kind == "retry":

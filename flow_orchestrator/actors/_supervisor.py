@@ -19,7 +19,7 @@ from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._faults import crash_point
 from flow_orchestrator.actors._system import ActorSystem
-from flow_orchestrator.bus._codec import decode
+from flow_orchestrator.bus._codec import decode_event
 from flow_orchestrator.bus._propagation import trace_headers
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.runtime._status import RunStatus
@@ -57,7 +57,7 @@ class SupervisorActor(Actor):
 
     async def receive(self, msg: Msg) -> None:
         _, run_id, node, kind = parse_event_subject(msg.subject)
-        payload = decode(msg.data) if msg.data else {}
+        payload = decode_event(msg.data, msg.subject, empty_ok=True)
         trace = trace_headers(msg.headers)
         if node == RUN_TOKEN and kind == "cancel":
             await self._cancel(run_id, payload, trace)

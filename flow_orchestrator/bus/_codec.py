@@ -47,7 +47,17 @@ def decode(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise MalformedMessage(f"payload is not valid msgpack: {exc}") from exc
+        raise MalformedMessage(f"payload is not valid msgpack: {exc or type(exc).__name__}") from exc
+
+
+def decode_event(data: bytes, subject: str, *, empty_ok: bool = False) -> dict[str, Any]:
+    """Decode an engine event, a msgpack map (with ``empty_ok``, no payload reads as an empty one);
+    raise :class:`MalformedMessage` for anything else, so that a stray message is dead-lettered at
+    once instead of failing ten times on a missing field."""
+    payload = decode(data) if data or not empty_ok else {}
+    if type(payload) is not dict:
+        raise MalformedMessage(f"{subject}: expected a map of event fields, got {type(payload).__name__}")
+    return payload
 
 
 def decode_trigger(
@@ -60,7 +70,7 @@ def decode_trigger(
     if content_type.split(";")[0].strip().lower() == JSON_TYPE:
         try:
             return json.loads(data) if data else None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5,000-digit number, deep nesting
             raise MalformedMessage(f"payload is not valid JSON: {exc}") from exc
     if not data:
         return None

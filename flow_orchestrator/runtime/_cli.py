@@ -50,7 +50,7 @@ def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument("--prefix", default=default(None), help="subject/stream prefix (default: flow)")
     parser.add_argument(
         "--replicas",
-        type=int,
+        type=cmd.positive_int,
         default=default(None),
         metavar="N",
         help="stream replicas when provisioning (default: $FLOW_REPLICAS or 1)",
@@ -63,17 +63,6 @@ def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
-def _seconds(text: str) -> float:
-    """A duration option: a number of seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
-    return value
-
-
 def _add_hosting_commands(command: Callable[..., Parser]) -> None:
     """``server`` and ``worker``: the long-running processes."""
     p = command("server", cmd.server, "run an embedded nats-server with JetStream until Ctrl-C")
@@ -83,20 +72,30 @@ def _add_hosting_commands(command: Callable[..., Parser]) -> None:
 
     p = command("worker", cmd.worker, "host workflows until SIGINT/SIGTERM, then drain")
     p.add_argument("target", metavar="MODULE:ATTR", help="a Workflow or a list of Workflows")
-    p.add_argument("--concurrency", type=int, default=256, help="messages one actor handles at once")
+    p.add_argument(
+        "--concurrency", type=cmd.positive_int, default=256, help="messages one actor handles at once"
+    )
     p.add_argument(
         "--max-in-flight",
-        type=int,
+        type=cmd.positive_int,
         default=1024,
         help="node attempts this worker runs at once (back-pressure)",
     )
     p.add_argument(
-        "--ack-wait", type=float, default=30.0, help="seconds before a silent worker's work moves on"
+        "--ack-wait",
+        type=cmd.positive_seconds,
+        default=30.0,
+        help="seconds before a silent worker's work moves on",
     )
-    p.add_argument("--max-deliver", type=int, default=20, help="deliveries before a message is dead-lettered")
+    p.add_argument(
+        "--max-deliver",
+        type=cmd.positive_int,
+        default=20,
+        help="deliveries before a message is dead-lettered",
+    )
     p.add_argument(
         "--announce-starts-after",
-        type=_seconds,
+        type=cmd.seconds,
         default=0.1,
         metavar="SECONDS",
         help="publish an attempt's started event once it has run this long (0: every attempt)",
@@ -122,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workflow")
     p.add_argument("--input", help="the run's input: JSON, or @FILE")
     p.add_argument("--run-id", help="idempotency key: the same id starts one run")
-    p.add_argument("--timeout", type=float, help="seconds to wait (default: forever)")
+    p.add_argument("--timeout", type=cmd.seconds, help="seconds to wait (default: forever)")
     p.add_argument("--json", action="store_true", help="print one JSON document (the run snapshot)")
 
     p = command("trigger", cmd.trigger, "start a run without waiting; print its run id")
@@ -136,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("watch", cmd.watch, "follow a run live until it ends (exit 0 if it completed)")
     p.add_argument("run_id", metavar="RUN_ID")
-    p.add_argument("--timeout", type=float, help="seconds to wait (default: forever)")
+    p.add_argument("--timeout", type=cmd.seconds, help="seconds to wait (default: forever)")
 
     p = command("show", cmd.show, "show a run's timeline: every node attempt, its duration and outcome")
     p.add_argument("run_id", metavar="RUN_ID")
@@ -145,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("runs", cmd.runs, "list recent runs, newest first")
     p.add_argument("--workflow")
     p.add_argument("--status", choices=[s.value for s in RunStatus])
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=cmd.positive_int, default=50)
     p.add_argument("--json", action="store_true")
 
     p = command("cancel", cmd.cancel, "cancel a running run")

@@ -15,11 +15,13 @@ from typing import Any
 import nats.errors
 import nats.js.errors as js_errors
 from nats.aio.msg import Msg
+from nats.js.api import PubAck
 from opentelemetry import propagate
 from pydantic import BaseModel, ValidationError
 
 from flow_orchestrator._errors import (
     InvalidPayload,
+    PayloadTooLarge,
     PermissionDenied,
     RunCancelled,
     RunFailed,
@@ -131,6 +133,21 @@ class RunHandle:
         self.client = client
         self.run_id = run_id
         self.workflow = workflow
+        # Set by the client that published the trigger: its sequence in the triggers stream, and
+        # whether JetStream had a trigger with this run id already (then it kept that one).
+        self._trigger_seq: int | None = None
+        self._reused = False
+
+    def _published(self, ack: PubAck) -> bool:
+        """Note the trigger's publish acknowledgement; return whether it was a duplicate."""
+        self._trigger_seq, self._reused = ack.seq, bool(ack.duplicate)
+        return self._reused
+
+    def _concerns_us(self, rejection: dict[str, Any]) -> bool:
+        """Whether a rejection is of this handle's trigger, not of an earlier one with the same run
+        id (a run id reused after its trigger was rejected, beyond the deduplication window)."""
+        seq = rejection.get("stream_seq")
+        return self._trigger_seq is None or seq is None or seq == self._trigger_seq
 
     async def wait(self) -> dict[str, Any]:
         """Wait until the run ends; return its run record. If a worker rejected the trigger (bad
@@ -158,8 +175,9 @@ class RunHandle:
                 done.set_result(("end", kind, decode(msg.data) if msg.data else {}))
 
         async def on_rejected(msg: Msg) -> None:
-            if not done.done():
-                done.set_result(("rejected", None, decode(msg.data)))
+            body = decode(msg.data)
+            if not done.done() and self._concerns_us(body):
+                done.set_result(("rejected", None, body))
 
         watch = _Watch(done, self.client.bus)
 
@@ -195,7 +213,7 @@ class RunHandle:
             return
         if record is not None and record.get("status") in _TERMINAL_RUN:
             done.set_result(("end", record["status"], record))
-        elif rejected is not None:
+        elif rejected is not None and self._concerns_us(rejected):
             done.set_result(("rejected", None, rejected))
 
     async def _ended(self, watch: _Watch, *, look_first: bool, whole_record: bool) -> dict[str, Any]:
@@ -212,14 +230,20 @@ class RunHandle:
                 record = await self.client._run_record(self.run_id)
                 if record is None:
                     rejected = await self.client._rejection(self.workflow, self.run_id)
-                    if rejected is not None and not done.done():
+                    if rejected is not None and not done.done() and self._concerns_us(rejected):
                         done.set_result(("rejected", None, rejected))
             if record is None or record.get("status") not in _TERMINAL_RUN:
                 what, status, body = await done
                 if what == "rejected":
+                    reused = (
+                        " (this run id was used within the deduplication window by that trigger, so "
+                        "this one was dropped as its repeat: start with a new run id)"
+                        if self._reused
+                        else ""
+                    )
                     raise message_error_for(
                         str(body.get("reason")),
-                        f"run {self.run_id!r} of {self.workflow!r} was rejected: {body.get('error')}",
+                        f"run {self.run_id!r} of {self.workflow!r} was rejected: {body.get('error')}{reused}",
                     )
                 if whole_record:
                     record = await self.client._run_record(self.run_id)
@@ -333,7 +357,7 @@ class Client:
         """
         name, input = await self._checked(workflow, input)
         handle = RunHandle(self, check_run_id(run_id) if run_id is not None else uuid.uuid4().hex, name)
-        await self._trigger(handle, input)
+        handle._published(await self._trigger(handle, input))
         return handle
 
     async def _checked(self, workflow: str | Workflow, input: Any) -> tuple[str, Any]:
@@ -343,13 +367,19 @@ class Client:
             input = _validate(workflow.input_model, input, name)
         return name, input
 
-    async def _trigger(self, handle: RunHandle, input: Any) -> bool:
-        """Publish the run's trigger; whether JetStream already had one with this run id."""
+    async def _trigger(self, handle: RunHandle, input: Any) -> PubAck:
+        """Publish the run's trigger; the acknowledgement says whether JetStream already had one
+        with this run id (then it kept that one)."""
         headers = {"Nats-Msg-Id": handle.run_id, CONTENT_TYPE: MSGPACK_TYPE}
         propagate.inject(headers)  # nothing when no span is current
         subject = self.names.trigger(handle.workflow)
         try:
             ack = await self.bus.js.publish(subject, encode(input), headers=headers)
+        except nats.errors.MaxPayloadError as exc:
+            raise PayloadTooLarge(
+                f"the input of a run of {handle.workflow!r} is larger than the NATS server accepts "
+                f"in one message ({exc}); pass a reference (a URL, an object key) instead"
+            ) from None
         except nats.errors.TimeoutError:
             refused = self.bus.refusal(subject)
             if refused is None:
@@ -358,7 +388,7 @@ class Client:
                 f"the NATS server refused to let this connection publish the trigger to {subject!r} "
                 f"({refused}); connect as a user allowed to start runs (deploy/nats/accounts.conf)"
             ) from None
-        return bool(ack.duplicate)
+        return ack
 
     async def run(
         self,
@@ -377,7 +407,7 @@ class Client:
         handle = RunHandle(self, uuid.uuid4().hex, name)
         watch = await handle._watch()
         try:
-            repeated = await self._trigger(handle, input)
+            repeated = handle._published(await self._trigger(handle, input))
         except BaseException:
             await watch.close()
             raise

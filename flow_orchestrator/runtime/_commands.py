@@ -69,6 +69,34 @@ def load_workflows(target: str) -> list[Workflow]:
     return list(items)
 
 
+def positive_int(text: str) -> int:
+    """A count option (``argparse`` type): a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text!r}")
+    return value
+
+
+def seconds(text: str, *, zero: bool = True) -> float:
+    """A duration option (``argparse`` type): a number of seconds, 0 or more (finite)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (0 <= value < float("inf")) or (value == 0 and not zero):  # also refuses nan
+        expected = "0 or more" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"must be {expected} seconds, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A duration option that must be more than 0 seconds."""
+    return seconds(text, zero=False)
+
+
 def _parse_input(text: str | None) -> Any:
     if text is None:
         return None
@@ -77,7 +105,7 @@ def _parse_input(text: str | None) -> Any:
             with open(text[1:], encoding="utf-8") as source:
                 return json.load(source)
         return json.loads(text)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or a 5,000-digit number
         raise UsageError(f"--input must be JSON or @FILE holding JSON: {exc}") from exc
 
 

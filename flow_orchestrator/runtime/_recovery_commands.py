@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from rich.table import Table
 
-from flow_orchestrator.runtime._commands import connect_client
+from flow_orchestrator.runtime._commands import connect_client, positive_int
 from flow_orchestrator.runtime._view import make_console
 
 
@@ -69,4 +69,4 @@ def add_commands(command: Callable[..., argparse.ArgumentParser], common: argpar
     q.add_argument("--json", action="store_true")
     q = actions.add_parser("replay", parents=[common], help="publish a dead-lettered trigger again")
     q.set_defaults(handler=dlq_replay)
-    q.add_argument("id", type=int, metavar="ID")
+    q.add_argument("id", type=positive_int, metavar="ID")
