@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from flow_orchestrator import (
+    InvalidNameError,
     InvalidPayload,
     NodeContext,
     NodeStatus,
@@ -290,6 +291,11 @@ async def test_malformed_and_invalid_triggers_are_dead_lettered(env_factory: Any
         await env.client.get_handle("bad-4", "diamond").result()
     with pytest.raises(InvalidPayload, match="amount"):  # run() listens first: the rejection reaches it
         await env.client.run("diamond", {"order_id": "x", "amount": -5})
+    # Looked up by its id, a rejected run says why it has no record.
+    with pytest.raises(RunNotFound, match=r"bad-3': its trigger was rejected \(invalid_payload"):
+        await env.client.snapshot("bad-3")
+    with pytest.raises(InvalidNameError):  # not a wildcard: a cancel there would reach no run
+        env.client.get_handle("bad-3", "*")
     # The worker survived all of it and still runs good triggers.
     assert (await env.client.run("diamond", {"order_id": "ok", "amount": 2}))["charged"] == 2
     # Nothing is left for redelivery.

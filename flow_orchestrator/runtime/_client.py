@@ -34,7 +34,13 @@ from flow_orchestrator.bus._connection import DEFAULT_URL, Bus, connect
 from flow_orchestrator.bus._journal import last_event, read_events
 from flow_orchestrator.bus._kv import StateStore
 from flow_orchestrator.bus._streams import StorageSettings, bind, provision
-from flow_orchestrator.bus._subjects import TRIGGER_TOKEN, Names, check_run_id, parse_event_subject
+from flow_orchestrator.bus._subjects import (
+    TRIGGER_TOKEN,
+    Names,
+    check_name,
+    check_run_id,
+    parse_event_subject,
+)
 from flow_orchestrator.runtime._dead_letters import DeadLetter, list_dead_letters, replay_dead_letter
 from flow_orchestrator.runtime._events import RunEvent, follow_run, follow_workflow
 from flow_orchestrator.runtime._journal import NodeView, fold_events
@@ -414,14 +420,28 @@ class Client:
         return await handle._output(await handle._ended(watch, look_first=repeated, whole_record=False))
 
     def get_handle(self, run_id: str, workflow: str) -> RunHandle:
-        return RunHandle(self, check_run_id(run_id), workflow)
+        return RunHandle(self, check_run_id(run_id), check_name("workflow", workflow))
 
     async def handle_for(self, run_id: str) -> RunHandle:
         """A handle for an existing run, looking its workflow up in the run record."""
         record = await self._run_record(run_id)
         if record is None:
-            raise RunNotFound(f"no run with id {run_id!r} (it never started, or its record expired)")
+            raise await self._no_run(run_id)
         return RunHandle(self, run_id, record["workflow"])
+
+    async def _no_run(self, run_id: str) -> RunNotFound:
+        """The error for a run id with no record, saying so when its trigger was rejected."""
+        subject = self.names.event("*", check_run_id(run_id), TRIGGER_TOKEN, "rejected")
+        try:
+            rejected = await last_event(self.bus.js, self.names.events_stream, subject, leader=False)
+        except Exception:  # the lookup only improves the message
+            rejected = None
+        if rejected is None:
+            return RunNotFound(f"no run with id {run_id!r} (it never started, or its record expired)")
+        return RunNotFound(
+            f"no run with id {run_id!r}: its trigger was rejected ({rejected.get('reason')}: "
+            f"{rejected.get('error')}); it is in the dead letters (`flowctl dlq list`)"
+        )
 
     async def _rejection(self, workflow: str, run_id: str) -> dict[str, Any] | None:
         """The ``rejected`` event of a run's trigger, if a worker dead-lettered it."""
@@ -451,7 +471,7 @@ class Client:
         """The run's status and every node's, folded from its journal (total over the DAG)."""
         record = await self._run_record(run_id)
         if record is None:
-            raise RunNotFound(f"no run with id {run_id!r} (it never started, or its record expired)")
+            raise await self._no_run(run_id)
         workflow = record["workflow"]
         shape = shape_from_description(await self.describe(workflow))
         return snapshot_of(run_id, record, shape, fold_events(await self.journal(run_id, workflow)))

@@ -40,7 +40,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 class OrderIn(BaseModel):
     order_id: str
-    amount: float = Field(gt=0)
+    amount: float = Field(gt=0, allow_inf_nan=False)
     items: list[str]
 
 

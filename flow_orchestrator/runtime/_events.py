@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from flow_orchestrator._errors import MalformedMessage, RunNotFound
+from flow_orchestrator._errors import MalformedMessage
 from flow_orchestrator.bus._codec import decode
 from flow_orchestrator.bus._subjects import (
     RUN_TOKEN,
@@ -79,7 +79,7 @@ async def follow_run(
     record = found.value if found else None
     if workflow is None:
         if record is None:
-            raise RunNotFound(f"no run with id {run_id!r} (it never started, or its record expired)")
+            raise await client._no_run(run_id)
         workflow = str(record["workflow"])
     # A run that ended before we looked may have outlived its journal (the events stream expires,
     # run records do not): stop once the replay has caught up, even without a terminal event.
