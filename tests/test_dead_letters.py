@@ -45,8 +45,9 @@ async def test_list_and_replay_a_trigger_for_a_workflow_deployed_later(env_facto
     run_id = await env.client.replay_dead_letter(by_reason["unknown_workflow"].id)
     assert run_id == "late-run"
     assert await env.client.get_handle("late-run", "later").result() == {"got": {"n": 1}}
-    # Replaying again starts no second run: the run id is the idempotency key.
-    await env.client.replay_dead_letter(by_reason["unknown_workflow"].id)
+    # Replaying again starts no second run: the server drops the repeat, and the caller is told.
+    with pytest.raises(NotReplayable, match=r"replayed a moment ago.*run late-run"):
+        await env.client.replay_dead_letter(by_reason["unknown_workflow"].id)
     journal = await env.client.journal("late-run", "later")
     assert [e["kind"] for e in journal if e["node"] == "_run"].count("started") == 1
 

@@ -3,7 +3,9 @@
 A replayed trigger is published again on its original subject with its original headers and payload
 (the full payload is fetched from the triggers stream when the record kept only its head). It keeps
 its run id through the ``Flow-Run-Id`` header under a fresh ``Nats-Msg-Id``, since the stream would
-drop a repeat of the old one as a duplicate; if that run exists by now, no second run starts.
+drop a repeat of the old one as a duplicate; if that run exists by now, no second run starts. A
+replay repeated within the stream's duplicate window is dropped by the server: it raises
+:class:`NotReplayable` naming the run the first replay started.
 """
 
 from __future__ import annotations
@@ -107,5 +109,11 @@ async def replay_dead_letter(js: Any, names: Names, letter_id: int) -> str:
     headers["Nats-Msg-Id"] = f"replay-{letter_id}"
     if run_id:
         headers[RUN_ID_HEADER] = run_id
-    await js.publish(letter.subject, data, headers=headers)
-    return run_id or f"(a new id, from replay-{letter_id})"
+    ack = await js.publish(letter.subject, data, headers=headers)
+    run = run_id or f"(a new id, from replay-{letter_id})"
+    if ack.duplicate:
+        raise NotReplayable(
+            f"dead letter {letter_id} was replayed a moment ago (within the triggers stream's duplicate "
+            f"window), so the server dropped this repeat; that replay stands: run {run}"
+        )
+    return run
