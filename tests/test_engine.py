@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from flow_orchestrator import (
     InvalidNameError,
@@ -23,6 +25,7 @@ from flow_orchestrator import (
     Workflow,
 )
 from flow_orchestrator.bus import decode, encode
+from flow_orchestrator.runtime._view import watch_run
 from flow_orchestrator.testing import LocalEnvironment, eventually
 from tests import workflows as wfs
 
@@ -305,7 +308,7 @@ async def test_malformed_and_invalid_triggers_are_dead_lettered(env_factory: Any
 
 
 async def test_a_run_id_reused_after_its_trigger_was_rejected(env_factory: Any) -> None:
-    window = 1.0  # the triggers stream's deduplication window
+    window = 5.0  # the triggers stream's deduplication window (room for a loaded machine's rejection)
     env: LocalEnvironment = await env_factory([wfs.diamond], storage=StorageSettings(duplicate_window=window))
     # A raw publisher's invalid trigger (Client.start with the Workflow would refuse it first).
     headers = {"Nats-Msg-Id": "reused-1"}
@@ -313,12 +316,19 @@ async def test_a_run_id_reused_after_its_trigger_was_rejected(env_factory: Any) 
     with pytest.raises(InvalidPayload, match="amount"):
         await env.client.get_handle("reused-1", "diamond").result()
     good = {"order_id": "x", "amount": 3}
-    # Inside the window the corrected trigger is dropped as a repeat of the rejected one: say so.
+    # Inside the window the corrected trigger is dropped as a repeat of the rejected one: say so, in
+    # the API and in the live view (flowctl run).
     with pytest.raises(InvalidPayload, match="start with a new run id"):
         await env.client.run("diamond", good, run_id="reused-1")
-    # Past it, a run starts, and its waiter is not answered with the earlier trigger's rejection.
+    repeat = await env.client.start("diamond", good, run_id="reused-1")
+    with pytest.raises(InvalidPayload, match="start with a new run id"):
+        await watch_run(env.client, repeat, Console(file=io.StringIO()))
+    # Past it, a run starts, and neither its waiter nor its live view answers with the earlier
+    # trigger's rejection (still in the run's journal).
     await asyncio.sleep(window + 1.0)
-    assert (await env.client.run("diamond", good, run_id="reused-1"))["charged"] == 3
+    handle = await env.client.start("diamond", good, run_id="reused-1")
+    assert (await watch_run(env.client, handle, Console(file=io.StringIO()))).status is RunStatus.COMPLETED
+    assert (await handle.result())["charged"] == 3
 
 
 async def test_an_input_larger_than_the_server_takes_is_a_typed_error(env_factory: Any) -> None:

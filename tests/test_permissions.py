@@ -7,10 +7,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats.errors
 import pytest
+from nats.js.api import ConsumerConfig
 
 from flow_orchestrator import Client, PermissionDenied, Worker
-from flow_orchestrator.bus import EmbeddedServer
+from flow_orchestrator.bus import EmbeddedServer, encode
+from flow_orchestrator.runtime._dead_letters import DeadLetter
+from flow_orchestrator.testing import eventually
 from tests import workflows
 
 ACCOUNTS = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "accounts.conf"
@@ -48,7 +52,31 @@ async def test_each_role_does_its_part_and_no_more(secured: EmbeddedServer) -> N
             assert {run["run_id"] for run in await observer.list_runs()} == {handle.run_id}
             kinds = {(e["node"], e["kind"]) for e in await observer.journal(handle.run_id, "diamond")}
             assert ("ship", "completed") in kinds
-            assert await observer.dead_letters("diamond") == []
             # The server refuses the publish on the connection, not in a reply: a typed error says so.
             with pytest.raises(PermissionDenied, match=r"flow\.trigger\.diamond"):
                 await observer.start("diamond", ORDER)
+            await _observer_cannot_touch_the_workers_consumers(observer)
+        async with await Client.connect(_as(secured, "trigger")) as trigger:  # a raw publisher's bad input
+            subject, bad = trigger.names.trigger("diamond"), encode({"amount": -5})
+            await trigger.bus.js.publish(subject, bad, headers={"Nats-Msg-Id": "bad-1"})
+        async with await Client.connect(_as(secured, "observer")) as observer:
+            letters = await eventually(lambda: _letters(observer), within=20)
+            assert [letter.reason for letter in letters] == ["invalid_payload"]
+
+
+async def _letters(client: Client) -> list[DeadLetter] | None:
+    return await client.dead_letters("diamond") or None
+
+
+async def _observer_cannot_touch_the_workers_consumers(observer: Client) -> None:
+    """It may create unnamed ordered consumers only: it cannot pull from a worker's durable consumer
+    (which would take its deliveries) nor change one through the consumer's own subject. (A create
+    without a name in its subject can still name and change one: see deploy/nats/accounts.conf.)"""
+    js, stream, durable = observer.bus.js, observer.names.events_stream, "node_diamond_validate"
+    pull = await js.pull_subscribe_bind(durable, stream=stream)
+    with pytest.raises(nats.errors.TimeoutError):
+        await pull.fetch(1, timeout=1.0)
+    assert observer.bus.refusal(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}")
+    with pytest.raises(nats.errors.TimeoutError):
+        await js.add_consumer(stream, ConsumerConfig(durable_name=durable, ack_wait=1.0), timeout=1.0)
+    assert (await js.consumer_info(stream, durable)).config.ack_wait == 30  # the worker's, unchanged

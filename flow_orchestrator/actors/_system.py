@@ -217,8 +217,11 @@ class ActorSystem:
             subject = rejected_subject(self.names, workflow, run_id)
         else:
             subject = self.names.event(workflow, run_id or "_none", DLQ_TOKEN, "dead_lettered")
-        await self.emit(subject, event, headers=trace_headers(letter.headers))
-        return int(event["dlq_seq"])
+        # One event per dead letter: the same message dead-lettered again (another consumer of it, or a
+        # redelivery after a crash before its termination) repeats the record's id and this one's.
+        seq = int(event["dlq_seq"])
+        await self.emit(subject, event, headers=trace_headers(letter.headers), msg_id=f"dlq-{seq}.event")
+        return seq
 
     async def reopened(self, run_id: str) -> bool:
         """Whether a run this worker saw close is running again (``flowctl retry``): ask its record."""

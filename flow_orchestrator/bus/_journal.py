@@ -17,7 +17,7 @@ import nats.js.errors as js_errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 
 from flow_orchestrator.bus._codec import decode
 from flow_orchestrator.bus._subjects import parse_event_subject
@@ -102,37 +102,29 @@ async def _multi_last(
     return found
 
 
-async def read_messages(js: JetStreamContext, stream: str, subject: str, batch: int = 512) -> list[Msg]:
-    """Every message on ``subject`` (wildcards allowed) in ``stream``, oldest first, through a
-    short-lived consumer that acknowledges nothing."""
-    sub = await js.pull_subscribe(
-        subject,
-        stream=stream,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=30.0,
-            mem_storage=True,
-        ),
-    )
+async def read_messages(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
+    """Every message on ``subject`` (wildcards allowed) in ``stream``, oldest first, through an ordered
+    consumer (ephemeral, in memory, acknowledging nothing). A reader needs the right to create such a
+    consumer only: no right to pull from, or change, the workers' durable consumers."""
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
     messages: list[Msg] = []
     try:
-        pending = (await sub.consumer_info()).num_pending or 0
-        while pending > 0:
-            for msg in await sub.fetch(min(batch, pending), timeout=5.0):
-                messages.append(msg)
-                pending = msg.metadata.num_pending or 0
+        info = await sub.consumer_info()
+        if (info.num_pending or 0) + (info.delivered.consumer_seq if info.delivered else 0) == 0:
+            return messages  # nothing on the subject
+        while True:
+            msg = await sub.next_msg(timeout=5.0)
+            messages.append(msg)
+            if not msg.metadata.num_pending:  # the last one stored when it was delivered
+                return messages
     finally:
         await sub.unsubscribe()
-    return messages
 
 
-async def read_events(
-    js: JetStreamContext, stream: str, subject: str, batch: int = 512
-) -> list[dict[str, Any]]:
+async def read_events(js: JetStreamContext, stream: str, subject: str) -> list[dict[str, Any]]:
     """Every event on ``subject`` (wildcards allowed), oldest first, as ``{node, kind, at, data}``."""
     events: list[dict[str, Any]] = []
-    for msg in await read_messages(js, stream, subject, batch):
+    for msg in await read_messages(js, stream, subject):
         _, _, node, kind = parse_event_subject(msg.subject)
         events.append(
             {

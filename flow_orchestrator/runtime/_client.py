@@ -20,6 +20,7 @@ from opentelemetry import propagate
 from pydantic import BaseModel, ValidationError
 
 from flow_orchestrator._errors import (
+    FlowError,
     InvalidPayload,
     PayloadTooLarge,
     PermissionDenied,
@@ -150,10 +151,24 @@ class RunHandle:
         return self._reused
 
     def _concerns_us(self, rejection: dict[str, Any]) -> bool:
-        """Whether a rejection is of this handle's trigger, not of an earlier one with the same run
-        id (a run id reused after its trigger was rejected, beyond the deduplication window)."""
+        """Whether a rejection is of this handle's trigger or a later one with its run id (a replay),
+        not of an earlier one (a run id reused, past the deduplication window, after its trigger was
+        rejected)."""
         seq = rejection.get("stream_seq")
-        return self._trigger_seq is None or seq is None or seq == self._trigger_seq
+        return self._trigger_seq is None or not isinstance(seq, int) or seq >= self._trigger_seq
+
+    def _rejected(self, rejection: dict[str, Any]) -> FlowError:
+        """The typed error for a rejection of this run's trigger."""
+        reused = (
+            " (this run id was used within the deduplication window by that trigger, so this one was "
+            "dropped as its repeat: start with a new run id)"
+            if self._reused
+            else ""
+        )
+        return message_error_for(
+            str(rejection.get("reason")),
+            f"run {self.run_id!r} of {self.workflow!r} was rejected: {rejection.get('error')}{reused}",
+        )
 
     async def wait(self) -> dict[str, Any]:
         """Wait until the run ends; return its run record. If a worker rejected the trigger (bad
@@ -241,16 +256,7 @@ class RunHandle:
             if record is None or record.get("status") not in _TERMINAL_RUN:
                 what, status, body = await done
                 if what == "rejected":
-                    reused = (
-                        " (this run id was used within the deduplication window by that trigger, so "
-                        "this one was dropped as its repeat: start with a new run id)"
-                        if self._reused
-                        else ""
-                    )
-                    raise message_error_for(
-                        str(body.get("reason")),
-                        f"run {self.run_id!r} of {self.workflow!r} was rejected: {body.get('error')}{reused}",
-                    )
+                    raise self._rejected(body)
                 if whole_record:
                     record = await self.client._run_record(self.run_id)
                 if not whole_record or record is None or record.get("status") not in _TERMINAL_RUN:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +64,12 @@ class RunEvent:
 
 
 async def follow_run(
-    client: Client, run_id: str, *, workflow: str | None = None, from_start: bool = True
+    client: Client,
+    run_id: str,
+    *,
+    workflow: str | None = None,
+    from_start: bool = True,
+    rejection_is_ours: Callable[[dict[str, Any]], bool] | None = None,
 ) -> AsyncGenerator[RunEvent, None]:
     """Yield a run's events in order, live, and stop once its terminal event has been yielded.
 
@@ -72,7 +77,8 @@ async def follow_run(
     are all yielded and the iteration ends by itself. Without ``workflow`` it is looked up in the run
     record (:class:`RunNotFound` if there is none yet); pass it to follow a run a worker has not
     accepted yet. An iteration abandoned early should be closed (``contextlib.aclosing``) so its
-    consumer goes at once.
+    consumer goes at once. ``rejection_is_ours`` (from the handle that published the trigger) skips
+    the rejection of an earlier trigger with the same run id.
     """
     run_id = check_run_id(run_id)
     found = await client.store.get(Names.run_key(run_id))
@@ -91,6 +97,8 @@ async def follow_run(
         while True:
             msg = await sub.next_msg(timeout=None)
             event = _event_of(msg)
+            if event is not None and event.kind == REJECTED and rejection_is_ours is not None:
+                event = event if rejection_is_ours(event.data) else None
             if event is not None:
                 yield event
             if (event is not None and event.ends_run) or (ended_before and not msg.metadata.num_pending):

@@ -22,9 +22,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from flow_orchestrator._errors import message_error_for
 from flow_orchestrator.runtime._client import Client, RunHandle, RunSnapshot, snapshot_of
-from flow_orchestrator.runtime._events import REJECTED, RUN_END_KINDS, RunEvent
+from flow_orchestrator.runtime._events import REJECTED, RUN_END_KINDS, RunEvent, follow_run
 from flow_orchestrator.runtime._journal import NodeView, fold_event
 from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus
 from flow_orchestrator.runtime._workflow import WorkflowDefinition, shape_from_description
@@ -147,8 +146,10 @@ async def watch_run(client: Client, handle: RunHandle, console: Console) -> RunS
     """
     shape = shape_from_description(await client.describe(handle.workflow))
     depths = node_depths(shape.order, shape.upstreams)
-    run = LiveRun(handle.run_id, handle.workflow, shape)
-    events = client.events(handle.run_id, handle.workflow)
+    run = LiveRun(handle, shape)
+    events = follow_run(
+        client, handle.run_id, workflow=handle.workflow, rejection_is_ours=handle._concerns_us
+    )
     if console.is_terminal:
         title = f"run {handle.run_id} of {handle.workflow}: waiting for a worker to accept it"
         initial = render_snapshot(run.snapshot(), title=title, depths=depths)
@@ -178,11 +179,12 @@ class LiveRun:
     """A run's state folded from its events as they arrive, by the same fold and status rules as
     ``Client.snapshot`` (``fold_event`` and ``snapshot_of``), so the live view and ``status`` agree."""
 
-    def __init__(self, run_id: str, workflow: str, shape: GraphShape) -> None:
-        self.run_id = run_id
+    def __init__(self, handle: RunHandle, shape: GraphShape) -> None:
+        self.handle = handle
+        self.run_id = handle.run_id
         self.shape = shape
         self.views: dict[str, NodeView] = {}
-        self.record: dict[str, Any] = {"workflow": workflow, "status": RunStatus.RUNNING.value}
+        self.record: dict[str, Any] = {"workflow": handle.workflow, "status": RunStatus.RUNNING.value}
         self.accepted = False
         self.rejection: dict[str, Any] | None = None
 
@@ -194,7 +196,7 @@ class LiveRun:
             self.record.update(input=event.data.get("input"), created_at=event.data.get("created_at"))
         elif event.kind in RUN_END_KINDS:
             self.record.update(event.data, status=event.kind)
-        elif event.kind == REJECTED:
+        elif event.kind == REJECTED and self.handle._concerns_us(event.data):  # not an earlier trigger's
             self.accepted = False
             self.rejection = event.data
 
@@ -209,11 +211,7 @@ async def _follow(
         async for event in events:
             run.apply(event)
             if run.rejection is not None:
-                workflow = run.record["workflow"]
-                raise message_error_for(
-                    str(run.rejection.get("reason")),
-                    f"run {run.run_id!r} of {workflow!r} was rejected: {run.rejection.get('error')}",
-                )
+                raise run.handle._rejected(run.rejection)
             changed(event)
 
 
