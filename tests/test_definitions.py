@@ -21,6 +21,7 @@ from flow_orchestrator import (
     PayloadTooLarge,
     RetryPolicy,
     UnknownDependencyError,
+    Worker,
     Workflow,
     WorkflowBuilder,
 )
@@ -309,3 +310,22 @@ def test_codec_round_trip_and_trigger_formats() -> None:
         decode_trigger(b"x" * 11, None, max_size=10)
     with pytest.raises(TypeError, match="cannot encode"):
         encode({"x": object()})
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"concurrency": 0},
+        {"max_in_flight": -1},
+        {"max_deliver": 0},  # JetStream's "unlimited": a message must not be redelivered forever
+        {"ack_wait": 0},
+        {"ack_wait": float("nan")},
+        {"announce_starts_after": -1},
+        {"announce_starts_after": float("inf")},  # a timer that never fires (and uvloop cannot arm)
+    ],
+)
+def test_worker_options_out_of_range_are_refused_when_it_is_made(option: dict[str, float]) -> None:
+    wf = Workflow("bounded")
+    wf.node()(noop)
+    with pytest.raises(ValueError, match=next(iter(option))):
+        Worker(wf, **option)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import signal
 import socket
@@ -94,8 +95,20 @@ class Worker:
         self.ack_wait = ack_wait
         self.max_deliver = max_deliver
         self.shutdown_grace = shutdown_grace
-        if not announce_starts_after >= 0:  # also refuses nan
-            raise ValueError(f"announce_starts_after must be 0 or more seconds, got {announce_starts_after}")
+        # The same bounds as flowctl's options: no unlimited redelivery, no timer that never fires.
+        for name, count in (
+            ("concurrency", concurrency),
+            ("max_in_flight", max_in_flight),
+            ("max_deliver", max_deliver),
+        ):
+            if count < 1:
+                raise ValueError(f"{name} must be 1 or more, got {count}")
+        if not 0 < ack_wait < math.inf:  # also refuses nan
+            raise ValueError(f"ack_wait must be more than 0 seconds (and finite), got {ack_wait}")
+        if not 0 <= announce_starts_after < math.inf:
+            raise ValueError(
+                f"announce_starts_after must be 0 or more seconds (and finite), got {announce_starts_after}"
+            )
         self.announce_starts_after = announce_starts_after
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._executor = ThreadPoolExecutor(max_workers=sync_threads, thread_name_prefix="flow-action")
