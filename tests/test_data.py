@@ -14,6 +14,7 @@ from flow_orchestrator import (
     InvalidNameError,
     KVWorkflowStore,
     NodeContext,
+    UnencodableValue,
     Workflow,
     WorkflowData,
 )
@@ -52,6 +53,14 @@ async def test_typed_getters_and_wrong_types(data: WorkflowData) -> None:
     with pytest.raises(DataKeyNotFound, match="no data key 'missing'"):
         await data.get("missing")
     assert await data.get_int("missing", 7) == 7
+    # A missing key gives the default as given, None included (not int(None), nor the str 'None').
+    getters = (data.get_int, data.get_float, data.get_str, data.get_bool, data.get_list, data.get_dict)
+    assert [await get("missing", None) for get in getters] == [None] * 6
+
+
+async def test_a_value_larger_than_the_server_takes_is_a_typed_error(data: WorkflowData) -> None:
+    with pytest.raises(UnencodableValue, match="more than the NATS server takes"):
+        await data.set("blob", "z" * 2_000_000)
 
 
 async def test_pydantic_models_as_values(data: WorkflowData) -> None:

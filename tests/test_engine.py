@@ -415,12 +415,19 @@ async def _settled(handle: Any) -> Any:
     return snapshot if snapshot.nodes["flaky"].attempts == 1 else None
 
 
-async def test_an_output_that_cannot_be_stored_fails_the_node_without_retry(env_factory: Any) -> None:
+@pytest.mark.parametrize(
+    "output",
+    [{"value": object()}, "z" * 2_000_000],  # not encodable; larger than the server's 1 MiB messages
+    ids=["unencodable", "too-large"],
+)
+async def test_an_output_that_cannot_be_stored_fails_the_node_without_retry(
+    env_factory: Any, output: Any
+) -> None:
     wf = Workflow("unstorable")
 
     @wf.node(retry=RetryPolicy(max_attempts=3, initial=0.0))
     async def odd(ctx: NodeContext) -> Any:
-        return {"value": object()}
+        return output
 
     env: LocalEnvironment = await env_factory([wf])
     handle = await env.client.start("unstorable", {})

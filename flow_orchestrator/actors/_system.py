@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from flow_orchestrator._errors import StateConflict
+from flow_orchestrator._errors import StateConflict, UnencodableValue
 from flow_orchestrator.bus._codec import decode, encode
 from flow_orchestrator.bus._connection import Bus
 from flow_orchestrator.bus._dlq import Letter, dead_letter, rejected_subject
@@ -190,12 +190,17 @@ class ActorSystem:
         headers = message.headers
         journal = headers.pop("Flow-Journal", None) is not None
         data = encode(message.payload)
-        if journal:
-            await self.bus.nc.publish(message.subject, data, headers=headers or None)
-            return
         try:
+            if journal:
+                await self.bus.nc.publish(message.subject, data, headers=headers or None)
+                return
             ack = await self.bus.js.publish(message.subject, data, headers=headers or None)
             message.duplicate = bool(ack.duplicate)
+        except nats.errors.MaxPayloadError as exc:  # not transient: the same bytes never fit
+            raise UnencodableValue(
+                f"{message.subject}: {len(data)} bytes, more than the NATS server takes in one message "
+                f"({exc}); keep large data elsewhere and pass a reference"
+            ) from None
         except js_errors.APIError as exc:
             if is_subject_conflict(exc):
                 raise StateConflict(f"{message.subject} already has a message") from exc

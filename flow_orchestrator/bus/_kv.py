@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import nats.errors
 import nats.js.errors as js_errors
 from nats.js.kv import KeyValue
 
-from flow_orchestrator._errors import StateConflict
+from flow_orchestrator._errors import StateConflict, UnencodableValue
 from flow_orchestrator.bus._codec import decode, encode
 
 _CONFLICT_CODES = (10071, 10164)
@@ -51,6 +52,14 @@ def _is_conflict(exc: BaseException) -> bool:
     return isinstance(exc, js_errors.APIError) and exc.err_code in _CONFLICT_CODES
 
 
+def _too_large(key: str, data: bytes) -> UnencodableValue:
+    """A value the server will never take: not a transient failure, so it is not retried."""
+    return UnencodableValue(
+        f"state key {key!r}: {len(data)} bytes, more than the NATS server takes in one message; "
+        "keep large data elsewhere and store a reference"
+    )
+
+
 class StateStore:
     """Compare-and-set access to one KV bucket, values encoded with msgpack."""
 
@@ -81,6 +90,8 @@ class StateStore:
         data = encode(value)
         try:
             return await self._kv.update(key, data, last=0, validate_keys=False)
+        except nats.errors.MaxPayloadError:
+            raise _too_large(key, data) from None
         except js_errors.APIError as exc:
             if not _is_conflict(exc):
                 raise
@@ -98,8 +109,11 @@ class StateStore:
 
     async def update(self, key: str, value: Any, revision: int) -> int:
         """Write ``value`` only if ``key`` is still at ``revision``, else raise :class:`StateConflict`."""
+        data = encode(value)
         try:
-            return await self._kv.update(key, encode(value), last=revision, validate_keys=False)
+            return await self._kv.update(key, data, last=revision, validate_keys=False)
+        except nats.errors.MaxPayloadError:
+            raise _too_large(key, data) from None
         except js_errors.APIError as exc:
             if _is_conflict(exc):
                 raise StateConflict(f"state key {key!r} changed since revision {revision}") from exc

@@ -7,7 +7,7 @@ implementation.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -55,7 +55,16 @@ class WorkflowData:
         self._revisions[key] = found.revision
         return found.value
 
-    async def _typed(self, key: str, kinds: tuple[type, ...], label: str, default: Any) -> Any:
+    async def _typed(
+        self,
+        key: str,
+        kinds: tuple[type, ...],
+        label: str,
+        default: Any,
+        convert: Callable[[Any], Any] | None,
+    ) -> Any:
+        """The value of ``key`` if it is one of ``kinds`` (through ``convert``), else ``default`` as
+        given when ``key`` has none (``None`` included)."""
         value = await self.get(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -64,25 +73,25 @@ class WorkflowData:
             raise DataTypeError(
                 f"run {self._run_id!r} data key {key!r} holds {type(value).__name__} {value!r}, not {label}"
             )
-        return value
+        return convert(value) if convert is not None else value
 
     async def get_int(self, key: str, default: Any = _MISSING) -> int:
-        return int(await self._typed(key, (int,), "an int", default))
+        return cast(int, await self._typed(key, (int,), "an int", default, None))
 
     async def get_float(self, key: str, default: Any = _MISSING) -> float:
-        return float(await self._typed(key, (int, float), "a float", default))
+        return cast(float, await self._typed(key, (int, float), "a float", default, float))
 
     async def get_str(self, key: str, default: Any = _MISSING) -> str:
-        return str(await self._typed(key, (str,), "a str", default))
+        return cast(str, await self._typed(key, (str,), "a str", default, None))
 
     async def get_bool(self, key: str, default: Any = _MISSING) -> bool:
-        return bool(await self._typed(key, (bool,), "a bool", default))
+        return cast(bool, await self._typed(key, (bool,), "a bool", default, None))
 
     async def get_list(self, key: str, default: Any = _MISSING) -> list[Any]:
-        return list(await self._typed(key, (list,), "a list", default))
+        return cast(list[Any], await self._typed(key, (list,), "a list", default, list))
 
     async def get_dict(self, key: str, default: Any = _MISSING) -> dict[str, Any]:
-        return dict(await self._typed(key, (dict,), "a dict", default))
+        return cast(dict[str, Any], await self._typed(key, (dict,), "a dict", default, dict))
 
     async def get_model(self, key: str, model: type[M]) -> M:
         value = await self.get(key)
