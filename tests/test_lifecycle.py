@@ -192,6 +192,53 @@ async def test_retry_a_failed_run_from_its_failed_nodes(env_factory: Any) -> Non
         await handle.retry()
 
 
+async def test_a_retried_runs_join_counts_an_upstream_that_completed_after_the_failure(
+    env_factory: Any,
+) -> None:
+    """The failed run's workers drop its messages, but not a join's arrivals: a join whose other
+    upstream completed after the failure must still start once the failed one succeeds."""
+    wf = Workflow("latejoin")
+    broken = {"yes": True}
+
+    @wf.node()
+    async def first(ctx: NodeContext) -> int:
+        return 1
+
+    @wf.node(depends_on=[first])
+    async def fragile(ctx: NodeContext) -> int:
+        if broken["yes"]:
+            raise RuntimeError("bug in fragile")
+        return 2
+
+    @wf.node(depends_on=[first])
+    async def slow_side(ctx: NodeContext) -> int:
+        await asyncio.sleep(0.3)  # completes after the run has failed
+        return 10
+
+    @wf.node(depends_on=[fragile, slow_side])
+    async def join(ctx: NodeContext) -> int:
+        return ctx.output("fragile") + ctx.output("slow_side")
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("latejoin", {})
+    with pytest.raises(RunFailed, match="bug in fragile"):
+        await handle.result()
+
+    async def side_completed() -> bool:
+        events = await env.client.journal(handle.run_id, "latejoin")
+        kinds = [(e["node"], e["kind"]) for e in events]
+        return ("slow_side", "completed") in kinds and kinds.index(("_run", "failed")) < kinds.index(
+            ("slow_side", "completed")
+        )
+
+    await eventually(side_completed, within=10)
+    await asyncio.sleep(0.3)  # its arrival at the join is handled meanwhile
+    broken["yes"] = False
+    assert await handle.retry() == ["fragile"]
+    async with asyncio.timeout(15):  # it used to wait for ever: the join never learnt of slow_side
+        assert await handle.result() == 12
+
+
 async def test_finished_runs_expire_but_the_workflow_registry_stays(env_factory: Any) -> None:
     wf = Workflow("shortlived")
 

@@ -120,8 +120,10 @@ class NodeActor(Actor):
     async def _attempt_for(self, msg: Msg) -> Attempt | None:
         """The attempt ``msg`` starts, or None (acknowledged) when it starts none."""
         _, run_id, source, kind = parse_event_subject(msg.subject)
-        if self.system.gate.closed(run_id) and not await self.system.reopened(run_id):
-            await msg.ack()
+        closed = self.system.gate.closed(run_id) is not None and not await self.system.reopened(run_id)
+        joins = kind != "retry" and source != RUN_TOKEN and len(self._needed) > 1
+        if closed and not joins:
+            await msg.ack()  # a closed run starts nothing; `flowctl retry` reissues what was ready
             return None
         payload = decode_event(msg.data, msg.subject)
         meta = msg.metadata
@@ -138,7 +140,10 @@ class NodeActor(Actor):
             inline = self._joins.inlines_outputs and len(msg.data) <= INLINE_OUTPUT_BYTES
             output = payload.get("output") if inline else NOT_INLINE
             joined = await self._join(run_id, source, payload, int(meta.sequence.stream), output)
-            if joined is None:
+            # A closed run's arrival is still recorded, and nothing starts: if the run is retried, the
+            # join counts this upstream (its completion is not delivered again), and a join decided
+            # meanwhile is one the retry finds ready and reissues.
+            if joined is None or closed:
                 await msg.ack()
                 return None
             attempt = joined

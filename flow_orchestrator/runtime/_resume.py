@@ -2,8 +2,10 @@
 
 Completed nodes keep their outputs and the run keeps its data. Each failed node gets a new attempt,
 and so does every node that was ready (all upstreams resolved) but never started because fail-fast
-stopped the run: workers drop a closed run's messages, so those must be issued again. The run record
-goes back to running first, by compare-and-set, so a run is resumed once even if two people ask.
+stopped the run: workers start nothing for a closed run, so those must be issued again. (They still
+record join arrivals, so a join also waiting on a failed node counts the upstreams that completed
+after the failure.) The run record goes back to running first, by compare-and-set, so a run is
+resumed once even if two people ask.
 """
 
 from __future__ import annotations
