@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from flow_orchestrator import (
     ExecuteNodeInput,
     Interceptor,
     NodeContext,
+    NodeTimeout,
     PublishInput,
     RetryInterceptor,
     RetryPolicy,
@@ -20,6 +22,7 @@ from flow_orchestrator import (
 )
 from flow_orchestrator.bus import InterceptorChain
 from flow_orchestrator.bus.types import NodeCall, PublishCall, TriggerCall
+from flow_orchestrator.runtime._interceptors import run_action
 from flow_orchestrator.testing import LocalEnvironment
 
 
@@ -149,3 +152,25 @@ async def test_interceptor_error_fails_the_attempt(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wf], interceptors=[Deny()])
     with pytest.raises(RunFailed, match="not allowed"):
         await env.client.run("denied", {})
+
+
+async def test_an_action_that_swallows_its_timeout_still_times_out() -> None:
+    async def stubborn(ctx: object) -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # ignores the cancellation and returns late
+        return "late"
+
+    request = ExecuteNodeInput(
+        workflow="w",
+        run_id="r1",
+        node="n",
+        attempt=1,
+        context=None,
+        action=stubborn,
+        headers={},
+        timeout=0.05,
+    )
+    with pytest.raises(NodeTimeout, match=r"timed out after 0\.05s"):
+        await run_action(request)

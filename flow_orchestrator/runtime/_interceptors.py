@@ -150,16 +150,21 @@ async def run_action(input: ExecuteNodeInput) -> Any:
     """The innermost node call: run the action under its timeout. (An output that cannot be stored
     fails the attempt where it is encoded, once, on its way into the completion event.)"""
     if input.timeout is None:
-        output = await input.action(input.context)
-    else:
-        try:
-            async with asyncio.timeout(input.timeout) as scope:
-                output = await input.action(input.context)
-        except TimeoutError as exc:
-            if scope.expired():
-                raise NodeTimeout(
-                    f"node {input.node!r} of run {input.run_id!r} timed out after {input.timeout}s "
-                    f"(attempt {input.attempt})"
-                ) from exc
-            raise
+        return await input.action(input.context)
+    try:
+        async with asyncio.timeout(input.timeout) as scope:
+            output = await input.action(input.context)
+    except TimeoutError as exc:
+        if scope.expired():
+            raise _timed_out(input) from exc
+        raise
+    if scope.expired():  # the action swallowed its cancellation and returned late: still a timeout
+        raise _timed_out(input)
     return output
+
+
+def _timed_out(input: ExecuteNodeInput) -> NodeTimeout:
+    return NodeTimeout(
+        f"node {input.node!r} of run {input.run_id!r} timed out after {input.timeout}s "
+        f"(attempt {input.attempt})"
+    )
