@@ -337,6 +337,55 @@ async def test_an_input_larger_than_the_server_takes_is_a_typed_error(env_factor
         await env.client.start("diamond", {"order_id": "x" * 2_000_000, "amount": 1})
 
 
+async def test_results_and_failure_reports_too_large_to_store_end_the_run(env_factory: Any) -> None:
+    """Every event fits a message, but what a run accumulates may not: the run still ends, failed."""
+    big = "z" * 600_000
+    results = Workflow("bigresults")  # two sinks: the run record would hold both outputs
+
+    @results.node()
+    async def left(ctx: NodeContext) -> str:
+        return big
+
+    @results.node()
+    async def right(ctx: NodeContext) -> str:
+        return big
+
+    report = Workflow("bigreport")  # a join that fails: its report would carry both inputs
+
+    @report.node()
+    async def one(ctx: NodeContext) -> str:
+        return big
+
+    @report.node()
+    async def two(ctx: NodeContext) -> str:
+        return big
+
+    @report.node(depends_on=[one, two], retry=RetryPolicy(max_attempts=3, initial=0.0))
+    async def both(ctx: NodeContext) -> int:
+        raise RuntimeError("both inputs arrived, and this fails")
+
+    env: LocalEnvironment = await env_factory([results, report])
+    async with asyncio.timeout(30):  # each used to leave its run running for good
+        with pytest.raises(RunFailed, match="results cannot be stored"):
+            await env.client.run("bigresults", {})
+        handle = await env.client.start("bigreport", {})
+        with pytest.raises(RunFailed, match=r"this fails.*not retried: its report was too large"):
+            await handle.result()
+    assert (await handle.status()).nodes["both"].attempts == 1
+
+
+async def test_an_input_that_fits_a_trigger_but_not_a_run_record_is_oversized(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.chain(1)])
+    # 500 KB of JSON floats (4 bytes each) is 1.1 MB of msgpack (9 bytes each) in the run record.
+    text = json.dumps([0.5] * 125_000, separators=(",", ":")).encode()
+    headers = {"Nats-Msg-Id": "floats-1", "Content-Type": "application/json"}
+    await env.client.bus.js.publish(env.names.trigger("chain"), text, headers=headers)
+    with pytest.raises(PayloadTooLarge, match="cannot be stored"):
+        await env.client.get_handle("floats-1", "chain").result()
+    [record] = await _dead_letters(env, 1)
+    assert record["reason"] == "oversized"
+
+
 async def test_an_event_that_is_not_a_map_is_dead_lettered_at_once(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wfs.diamond])
     js = env.client.bus.js

@@ -120,8 +120,10 @@ class NodeActor(Actor):
     async def _attempt_for(self, msg: Msg) -> Attempt | None:
         """The attempt ``msg`` starts, or None (acknowledged) when it starts none."""
         _, run_id, source, kind = parse_event_subject(msg.subject)
-        closed = self.system.gate.closed(run_id) is not None and not await self.system.reopened(run_id)
-        joins = kind != "retry" and source != RUN_TOKEN and len(self._needed) > 1
+        closing = self.system.gate.closed(run_id)
+        closed = closing is not None and not await self.system.reopened(run_id)
+        # A failed run may be retried: its joins' arrivals are still recorded (a cancelled one may not).
+        joins = kind != "retry" and source != RUN_TOKEN and len(self._needed) > 1 and closing != "cancelled"
         if closed and not joins:
             await msg.ack()  # a closed run starts nothing; `flowctl retry` reissues what was ready
             return None
@@ -333,9 +335,20 @@ class NodeActor(Actor):
     async def _finish(self, msg: Msg, attempt: Attempt, kind: str, body: dict[str, Any]) -> None:
         subject = self._subject(attempt.run_id, kind)
         msg_id = f"{attempt.run_id}.{self.node.name}.{attempt.attempt}.{kind}"
-        await self._publish_outcome(
-            lambda: self.system.emit(subject, body, msg_id=msg_id, headers=attempt.trace)
-        )
+        try:
+            await self._publish_outcome(
+                lambda: self.system.emit(subject, body, msg_id=msg_id, headers=attempt.trace)
+            )
+        except UnencodableValue as exc:
+            # The report carries the attempt's input and upstream outputs, for a retry: too large to
+            # store. Report the failure without them, as final (a retry would lack its inputs).
+            error = {**body.get("error", {}), "retryable": False}
+            error["message"] = f"{error.get('message', '')} (not retried: its report was too large: {exc})"
+            small = {key: value for key, value in body.items() if key not in ("input", "outputs")}
+            small.update(error=error, retry=False)
+            await self._publish_outcome(
+                lambda: self.system.emit(subject, small, msg_id=msg_id, headers=attempt.trace)
+            )
         await msg.ack()
 
     async def _publish_outcome(self, publish: Callable[[], Awaitable[None]]) -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
-from flow_orchestrator._errors import NonRetryableError, RetryAfter
+from flow_orchestrator._errors import NonRetryableError, RetryAfter, UnencodableValue
 from flow_orchestrator.runtime._retry import RetryPolicy
 
 
 def error_info(exc: BaseException, policy: RetryPolicy) -> dict[str, Any]:
     """What a failed attempt reports: type, message, whether a retry may help, and a requested delay."""
     name = type(exc).__name__
-    retryable = not isinstance(exc, NonRetryableError) and policy.is_retryable(name)
+    # A value that cannot be stored (not encodable, or larger than a message) never will be.
+    final = isinstance(exc, NonRetryableError | UnencodableValue)
+    retryable = not final and policy.is_retryable(name)
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8)
     return {
         "type": name,

@@ -15,6 +15,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from flow_orchestrator._errors import UnencodableValue
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._faults import crash_point
@@ -148,7 +149,12 @@ class SupervisorActor(Actor):
                 new.update(status=RunStatus.COMPLETED.value, finished_at=time.time())
             return new
 
-        written, _ = await self.system.store.mutate(Names.run_key(run_id), resolve)
+        try:
+            written, _ = await self.system.store.mutate(Names.run_key(run_id), resolve)
+        except UnencodableValue as exc:  # the results do not fit in the run record: the run cannot end well
+            error = {"type": "UnencodableValue", "message": f"the run's results cannot be stored: {exc}"}
+            await self._fail_run(run_id, sink, error, trace)
+            return
         if written is None or written["status"] != _RUNNING:
             await self._announce_end(run_id, written, trace)
 

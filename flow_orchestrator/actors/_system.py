@@ -191,6 +191,11 @@ class ActorSystem:
         journal = headers.pop("Flow-Journal", None) is not None
         data = encode(message.payload)
         try:
+            # nats-py checks the payload alone; the server counts the headers too, and would close the
+            # connection over a message just past its limit (counted only near it: off the hot path).
+            limit = self.bus.nc.max_payload
+            if len(data) > limit - 4096 and len(data) + _header_bytes(headers) > limit:
+                raise nats.errors.MaxPayloadError
             if journal:
                 await self.bus.nc.publish(message.subject, data, headers=headers or None)
                 return
@@ -288,3 +293,8 @@ def _workflow_and_run(subject: str, names: Names) -> tuple[str, str | None]:
     if len(parts) == 6 and parts[1] == "evt":
         return parts[2], parts[3]
     return "_unknown", None
+
+
+def _header_bytes(headers: Mapping[str, str]) -> int:
+    """The size of a NATS header block: the version line, then ``Name: value`` lines."""
+    return 12 + sum(len(name) + len(value) + 4 for name, value in headers.items()) + 2

@@ -15,7 +15,13 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from flow_orchestrator._errors import InvalidRunId, StateConflict, UnknownWorkflow
+from flow_orchestrator._errors import (
+    InvalidRunId,
+    PayloadTooLarge,
+    StateConflict,
+    UnencodableValue,
+    UnknownWorkflow,
+)
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._faults import crash_point
 from flow_orchestrator.actors._system import MSG_ID, ActorSystem
@@ -94,6 +100,8 @@ class TriggerActor(Actor):
         key = Names.run_key(run_id)
         try:
             await self.system.store.create(key, record)
+        except UnencodableValue as exc:  # the input fits a trigger but not a run record
+            raise PayloadTooLarge(f"the run's input cannot be stored: {exc}") from exc
         except StateConflict:
             existing = await self.system.store.get(key)
             # Same trigger message redelivered after the record was written: finish starting it.
