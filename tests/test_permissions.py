@@ -53,8 +53,10 @@ async def test_each_role_does_its_part_and_no_more(secured: EmbeddedServer) -> N
             kinds = {(e["node"], e["kind"]) for e in await observer.journal(handle.run_id, "diamond")}
             assert ("ship", "completed") in kinds
             # The server refuses the publish on the connection, not in a reply: a typed error says so.
-            with pytest.raises(PermissionDenied, match=r"flow\.trigger\.diamond"):
+            with pytest.raises(PermissionDenied, match=r"flow\.trigger\.diamond.*allowed to start runs"):
                 await observer.start("diamond", ORDER)
+            with pytest.raises(PermissionDenied, match=r"\._run\.cancel'.*allowed to cancel runs"):
+                await watched.cancel("an observer may not")
             await _observer_cannot_touch_the_workers_consumers(observer)
         async with await Client.connect(_as(secured, "trigger")) as trigger:  # a raw publisher's bad input
             subject, bad = trigger.names.trigger("diamond"), encode({"amount": -5})

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -304,10 +304,9 @@ class RunHandle:
 
     async def cancel(self, reason: str | None = None) -> None:
         """Ask the supervisor to cancel the run; running attempts are cancelled, the rest never start."""
-        names = self.client.names
-        await self.client.bus.js.publish(
-            names.run_event(self.workflow, self.run_id, "cancel"), encode({"reason": reason})
-        )
+        subject = self.client.names.run_event(self.workflow, self.run_id, "cancel")
+        with self.client._denied_if_refused(subject, "cancel runs"):
+            await self.client.bus.js.publish(subject, encode({"reason": reason}))
 
 
 class Client:
@@ -386,21 +385,28 @@ class Client:
         propagate.inject(headers)  # nothing when no span is current
         subject = self.names.trigger(handle.workflow)
         try:
-            ack = await self.bus.js.publish(subject, encode(input), headers=headers)
+            with self._denied_if_refused(subject, "start runs"):
+                return await self.bus.js.publish(subject, encode(input), headers=headers)
         except nats.errors.MaxPayloadError as exc:
             raise PayloadTooLarge(
                 f"the input of a run of {handle.workflow!r} is larger than the NATS server accepts "
                 f"in one message ({exc}); pass a reference (a URL, an object key) instead"
             ) from None
+
+    @contextlib.contextmanager
+    def _denied_if_refused(self, subject: str, what: str) -> Iterator[None]:
+        """A publish the server refused only times out (the refusal comes on the connection, not as
+        a reply): raise :class:`PermissionDenied` for it instead, naming the subject."""
+        try:
+            yield
         except nats.errors.TimeoutError:
             refused = self.bus.refusal(subject)
             if refused is None:
                 raise
             raise PermissionDenied(
-                f"the NATS server refused to let this connection publish the trigger to {subject!r} "
-                f"({refused}); connect as a user allowed to start runs (deploy/nats/accounts.conf)"
+                f"the NATS server refused to let this connection publish to {subject!r} ({refused}); "
+                f"connect as a user allowed to {what} (deploy/nats/accounts.conf)"
             ) from None
-        return ack
 
     async def run(
         self,
