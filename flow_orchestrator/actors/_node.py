@@ -36,7 +36,7 @@ from flow_orchestrator.actors._join import INLINE_OUTPUT_BYTES, NOT_INLINE, Join
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode_event
 from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event, last_events
-from flow_orchestrator.bus._propagation import trace_headers
+from flow_orchestrator.bus._propagation import EPOCH_HEADER, carried_headers, epoch_of
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.bus.types import ExecuteNodeInput
 from flow_orchestrator.runtime._context import NodeContext
@@ -120,16 +120,22 @@ class NodeActor(Actor):
     async def _attempt_for(self, msg: Msg) -> Attempt | None:
         """The attempt ``msg`` starts, or None (acknowledged) when it starts none."""
         _, run_id, source, kind = parse_event_subject(msg.subject)
-        closing = self.system.gate.closed(run_id)
-        closed = closing is not None and not await self.system.reopened(run_id)
+        gate = self.system.gate
+        closing, epoch = gate.closed(run_id), gate.epoch(run_id)
+        meta = msg.metadata
+        redelivered = meta.num_delivered - 1
+        if closing is not None or ((kind == "retry" or redelivered) and not epoch):
+            # A run this worker saw close may have been retried since; and a retry or a redelivery (both
+            # rare) asks the record even when the gate knows nothing of the run: they are what
+            # `flowctl retry` can race with most.
+            closing, epoch = await self.system.run_state(run_id)
+        closed = closing is not None
         # A failed run may be retried: its joins' arrivals are still recorded (a cancelled one may not).
         joins = kind != "retry" and source != RUN_TOKEN and len(self._needed) > 1 and closing != "cancelled"
         if closed and not joins:
             await msg.ack()  # a closed run starts nothing; `flowctl retry` reissues what was ready
             return None
         payload = decode_event(msg.data, msg.subject)
-        meta = msg.metadata
-        redelivered = meta.num_delivered - 1
         if kind == "retry":
             attempt = Attempt(
                 run_id, int(payload["attempt"]), payload.get("input"), payload.get("outputs") or {}
@@ -141,7 +147,8 @@ class NodeActor(Actor):
         else:
             inline = self._joins.inlines_outputs and len(msg.data) <= INLINE_OUTPUT_BYTES
             output = payload.get("output") if inline else NOT_INLINE
-            joined = await self._join(run_id, source, payload, int(meta.sequence.stream), output)
+            seq = int(meta.sequence.stream)
+            joined = await self._join(run_id, source, payload, seq, output)
             # A closed run's arrival is still recorded, and nothing starts: if the run is retried, the
             # join counts this upstream (its completion is not delivered again), and a join decided
             # meanwhile is one the retry finds ready and reissues.
@@ -149,7 +156,17 @@ class NodeActor(Actor):
                 await msg.ack()
                 return None
             attempt = joined
-        attempt.trace = trace_headers(msg.headers)
+        attempt.trace = carried_headers(msg.headers)
+        # After a retry, a message from before it (an upstream's completion, a scheduled retry, a
+        # redelivery) and the retry's own reissue may both want to start this node: one claim decides.
+        claim = int(payload.get("resume") or 0) if kind == "retry" else 0
+        if not claim and epoch and epoch_of(msg.headers) < epoch:
+            claim = epoch
+        if claim:
+            if not await self.system.claim(run_id, self.node.name, claim, int(meta.sequence.stream)):
+                await msg.ack()
+                return None
+            attempt.trace[EPOCH_HEADER] = str(claim)  # what follows from this attempt is of this epoch
         if redelivered and not await self._resume(attempt, redelivered):
             await msg.ack()
             return None

@@ -19,9 +19,9 @@ from flow_orchestrator._errors import UnencodableValue
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._faults import crash_point
-from flow_orchestrator.actors._system import ActorSystem
+from flow_orchestrator.actors._system import ActorSystem, epoch_of_record
 from flow_orchestrator.bus._codec import decode_event
-from flow_orchestrator.bus._propagation import trace_headers
+from flow_orchestrator.bus._propagation import carried_headers, trace_headers
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.runtime._status import RunStatus
 from flow_orchestrator.runtime._workflow import WorkflowDefinition
@@ -59,7 +59,7 @@ class SupervisorActor(Actor):
     async def receive(self, msg: Msg) -> None:
         _, run_id, node, kind = parse_event_subject(msg.subject)
         payload = decode_event(msg.data, msg.subject, empty_ok=True)
-        trace = trace_headers(msg.headers)
+        trace = carried_headers(msg.headers)
         if node == RUN_TOKEN and kind == "cancel":
             await self._cancel(run_id, payload, trace)
         elif kind == "attempt_failed":
@@ -197,9 +197,10 @@ class SupervisorActor(Actor):
         else:
             body["error"] = record.get("error")
         headers = {**trace, **trace_headers(record.get("trace"))}
-        await self.system.emit(
-            self._run_subject(run_id, status), body, msg_id=f"{run_id}.run.{status}", headers=headers
-        )
+        # A retried run can end again: each of its ends is a message of its own.
+        epoch = epoch_of_record(record)
+        msg_id = f"{run_id}.run.{status}" + (f".{epoch}" if epoch else "")
+        await self.system.emit(self._run_subject(run_id, status), body, msg_id=msg_id, headers=headers)
 
     def _subject(self, run_id: str, node: str, kind: str) -> str:
         return self.system.names.event(self.definition.name, run_id, node, kind)

@@ -17,13 +17,14 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from flow_orchestrator._bounded import remember
 from flow_orchestrator._errors import StateConflict, UnencodableValue
-from flow_orchestrator.bus._codec import decode, encode
+from flow_orchestrator.bus._codec import decode, decode_event, encode
 from flow_orchestrator.bus._connection import Bus
 from flow_orchestrator.bus._dlq import Letter, dead_letter, rejected_subject
 from flow_orchestrator.bus._interceptors import InterceptorChain
-from flow_orchestrator.bus._journal import is_subject_conflict
-from flow_orchestrator.bus._kv import StateStore
+from flow_orchestrator.bus._journal import is_subject_conflict, read_messages
+from flow_orchestrator.bus._kv import KeyTaken, StateStore
 from flow_orchestrator.bus._propagation import trace_headers
 from flow_orchestrator.bus._pull import Capacity
 from flow_orchestrator.bus._subjects import DLQ_TOKEN, RUN_TOKEN, Names, is_valid_run_id, parse_event_subject
@@ -35,6 +36,15 @@ API_PATIENCE = 30.0  # seconds a worker waits for a JetStream API answer while i
 T = TypeVar("T")
 
 
+CLOSED = ("failed", "cancelled")  # run statuses in which no new attempt starts
+
+
+def epoch_of_record(record: dict[str, Any]) -> int:
+    """How many times a run was retried, from its record."""
+    resumed = record.get("resumed")
+    return len(resumed) if isinstance(resumed, list) else 0
+
+
 class RunGate:
     """Which runs this worker knows to be closed (failed or cancelled), so no new attempt starts for
     them, and which attempt tasks to cancel when a run is cancelled. Bounded, best-effort cache fed by
@@ -42,6 +52,7 @@ class RunGate:
 
     def __init__(self, capacity: int = 100_000) -> None:
         self._closed: OrderedDict[str, str] = OrderedDict()
+        self._epochs: OrderedDict[str, int] = OrderedDict()  # runs retried (``flowctl retry``): how often
         self._capacity = capacity
         # A run's attempt tasks on this worker: one task as itself (the usual case, and a set costs
         # ~200 bytes a run when 10,000 runs are held), several as a set.
@@ -60,8 +71,15 @@ class RunGate:
     def closed(self, run_id: str) -> str | None:
         return self._closed.get(run_id)
 
-    def reopen(self, run_id: str) -> None:
+    def epoch(self, run_id: str) -> int:
+        """How many times this worker knows ``run_id`` was retried (0: never, or not known here)."""
+        return self._epochs.get(run_id, 0)
+
+    def reopen(self, run_id: str, epoch: int) -> None:
+        """The run is running again after its ``epoch``-th retry."""
         self._closed.pop(run_id, None)
+        if epoch > self._epochs.get(run_id, 0):
+            remember(self._epochs, run_id, epoch, self._capacity)
 
     def track(self, run_id: str, task: asyncio.Task[Any]) -> None:
         held = self._attempts.setdefault(run_id, task)
@@ -233,13 +251,34 @@ class ActorSystem:
         await self.emit(subject, event, headers=trace_headers(letter.headers), msg_id=f"dlq-{seq}.event")
         return seq
 
-    async def reopened(self, run_id: str) -> bool:
-        """Whether a run this worker saw close is running again (``flowctl retry``): ask its record."""
+    async def run_state(self, run_id: str) -> tuple[str | None, int]:
+        """Ask the run record: whether the run is closed (its status, else None) and how many times it
+        was retried. The gate learns both. A run without a record counts as closed only if the gate
+        already had it so."""
         found = await self.store.get(Names.run_key(run_id))
-        if found is not None and found.value.get("status") == "running":
-            self.gate.reopen(run_id)
-            return True
-        return False
+        if found is None:
+            return self.gate.closed(run_id), self.gate.epoch(run_id)
+        record = found.value
+        status, epoch = record.get("status"), epoch_of_record(record)
+        if status in CLOSED:
+            self.gate.close(run_id, status)
+            return status, epoch
+        self.gate.reopen(run_id, epoch)
+        return None, epoch
+
+    async def claim(self, run_id: str, node: str, epoch: int, seq: int) -> bool:
+        """Whether the message at stream sequence ``seq`` may start ``node`` after the run's
+        ``epoch``-th retry: the first to claim it does (and its own redelivery again); any other
+        message that could start it then starts nothing."""
+        key = Names.claim_key(run_id, node, epoch)
+        try:
+            await self.store.create(key, {"seq": seq})
+        except KeyTaken as taken:
+            return bool(taken.current.value.get("seq") == seq)
+        except StateConflict:  # taken, and its value could not be read: go by a read
+            found = await self.store.get(key)
+            return found is not None and found.value.get("seq") == seq
+        return True
 
     async def open_gate(self) -> None:
         """Follow run-level terminal events so closed runs start no new attempts on this worker."""
@@ -247,14 +286,20 @@ class ActorSystem:
         async def on_run_event(msg: Msg) -> None:
             with contextlib.suppress(ValueError):
                 _, run_id, _, kind = parse_event_subject(msg.subject)
-                self.gate.close(run_id, kind)
+                if kind == "resumed":
+                    epoch = decode_event(msg.data, msg.subject, empty_ok=True).get("epoch")
+                    self.gate.reopen(run_id, epoch if isinstance(epoch, int) else 0)
+                else:
+                    self.gate.close(run_id, kind)
 
-        for kind in ("failed", "cancelled"):
-            self._gate_subs.append(
-                await self.bus.nc.subscribe(
-                    f"{self.names.prefix}.evt.*.*.{RUN_TOKEN}.{kind}", cb=on_run_event
-                )
-            )
+        run_events = f"{self.names.prefix}.evt.*.*.{RUN_TOKEN}"
+        for kind in (*CLOSED, "resumed"):
+            self._gate_subs.append(await self.bus.nc.subscribe(f"{run_events}.{kind}", cb=on_run_event))
+        # Runs retried before this worker started (say, right after the fix was deployed): messages
+        # from before their retry may still wait for it, and must claim what they start.
+        stream = self.names.events_stream
+        for msg in await self._api_call(lambda: read_messages(self.bus.js, stream, f"{run_events}.resumed")):
+            await on_run_event(msg)
 
     async def give_up(self, msg: Msg, consumer: str, deliveries: int) -> None:
         """The last allowed delivery of a message whose every earlier delivery crashed or stalled its

@@ -10,6 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+# Which ``flowctl retry`` of its run a message descends from (absent: none). The engine sets it on the
+# messages a retry issues and carries it like the trace context; a trigger's own value is never taken.
+EPOCH_HEADER = "Flow-Epoch"
+_CARRIED = (*TRACE_HEADERS, EPOCH_HEADER)
 
 
 def trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -17,3 +21,17 @@ def trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     if not headers:
         return {}
     return {name: headers[name] for name in TRACE_HEADERS if name in headers}
+
+
+def carried_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """What the engine carries from a run's message to the events it publishes in response: the
+    trace context and the retry epoch."""
+    if not headers:
+        return {}
+    return {name: headers[name] for name in _CARRIED if name in headers}
+
+
+def epoch_of(headers: Mapping[str, str] | None) -> int:
+    """The retry epoch a message descends from (0: from before any retry, or not a number)."""
+    value = headers.get(EPOCH_HEADER) if headers else None
+    return int(value) if value is not None and value.isascii() and value.isdigit() else 0

@@ -121,6 +121,11 @@ class Names:
         return f"join.{run_id}.{node}"
 
     @staticmethod
+    def claim_key(run_id: str, node: str, epoch: int) -> str:
+        """Who starts ``node`` first after a run's ``epoch``-th ``flowctl retry`` (see ``_resume.py``)."""
+        return f"claim.{run_id}.{node}.{epoch}"
+
+    @staticmethod
     def data_key(run_id: str, key: str) -> str:
         return f"data.{run_id}.{key}"
 

@@ -292,14 +292,13 @@ class RunHandle:
         Returns the nodes given a new attempt. Raises :class:`RunNotRetryable` unless it failed."""
         client = self.client
         description = await client.describe(self.workflow)
-        events = await client.journal(self.run_id, self.workflow)
         return await resume_failed_run(
             client.store,
             client.bus.js,
             client.names,
             self.run_id,
             shape=shape_from_description(description),
-            events=events,
+            read_journal=lambda: client.journal(self.run_id, self.workflow),
         )
 
     async def cancel(self, reason: str | None = None) -> None:

@@ -2,23 +2,48 @@
 
 Completed nodes keep their outputs and the run keeps its data. Each failed node gets a new attempt,
 and so does every node that was ready (all upstreams resolved) but never started because fail-fast
-stopped the run: workers start nothing for a closed run, so those must be issued again. (They still
-record join arrivals, so a join also waiting on a failed node counts the upstreams that completed
-after the failure.) The run record goes back to running first, by compare-and-set, so a run is
-resumed once even if two people ask.
+stopped the run (workers start nothing for a closed run, so those must be issued again), and every
+node waiting for a scheduled retry (it may have come due, and been dropped, while the run was
+failed). Joins still record arrivals while a run is failed, so a join also waiting on a failed node
+counts the upstreams that completed after the failure.
+
+The steps, in this order:
+
+1. The run must have been failed for ``settle`` seconds: by then every attempt that was running
+   when it failed has said so in the journal (workers announce an attempt after 0.1 s) or ended.
+2. The run record goes back to running by compare-and-set, with one more entry in ``resumed``: the
+   run's *epoch*. A run is resumed once even if two people ask.
+3. The journal is read (after the record changed, so nothing it misses was dropped as closed).
+4. A ``resumed`` event tells workers the new epoch; a ``retry`` message per chosen node follows,
+   marked with it.
+
+Messages from before the retry may still be on their way (an upstream's completion, a scheduled
+retry, a redelivery) and would start a node the retry also reissued. So after a retry, whichever of
+them and the reissue comes first *claims* the node for the epoch (a create-only key,
+``claim.<run>.<node>.<epoch>``); the others start nothing. Messages issued from the retry on carry
+its epoch (``Flow-Epoch``) and need no claim. Workers know a run's epoch from the ``resumed`` event,
+or from its record when they saw it fail, and always ask the record for a retry or a redelivery.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from flow_orchestrator._errors import FlowError, StateConflict
+from flow_orchestrator.actors._system import epoch_of_record
 from flow_orchestrator.bus._codec import encode
 from flow_orchestrator.bus._kv import StateStore
+from flow_orchestrator.bus._propagation import EPOCH_HEADER
 from flow_orchestrator.bus._subjects import Names
 from flow_orchestrator.runtime._journal import NodeView, fold_events
 from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus
+
+# Seconds a run must have been failed before it is retried: more than the 0.1 s after which workers
+# announce an attempt, so an attempt that was running is seen as running and not issued again.
+SETTLE = 1.0
 
 
 class RunNotRetryable(FlowError, ValueError):
@@ -26,7 +51,8 @@ class RunNotRetryable(FlowError, ValueError):
 
 
 def nodes_to_resume(shape: GraphShape, views: dict[str, NodeView]) -> list[str]:
-    """Failed nodes (not continue-on-error), and never-started nodes whose upstreams all resolved."""
+    """Failed nodes (not continue-on-error), nodes waiting for a retry, and never-started nodes
+    whose upstreams all resolved."""
     resolved = {
         name
         for name, view in views.items()
@@ -35,7 +61,11 @@ def nodes_to_resume(shape: GraphShape, views: dict[str, NodeView]) -> list[str]:
     }
 
     def failed(name: str, view: NodeView | None) -> bool:
-        return view is not None and view.status is NodeStatus.FAILED and name not in shape.continue_on_error
+        if view is None:
+            return False
+        if view.status is NodeStatus.RETRYING:
+            return True
+        return view.status is NodeStatus.FAILED and name not in shape.continue_on_error
 
     def ready_but_never_started(name: str, view: NodeView | None) -> bool:
         never_started = view is None or view.status is None
@@ -45,41 +75,62 @@ def nodes_to_resume(shape: GraphShape, views: dict[str, NodeView]) -> list[str]:
 
 
 async def resume_failed_run(
-    store: StateStore, js: Any, names: Names, run_id: str, *, shape: GraphShape, events: list[dict[str, Any]]
+    store: StateStore,
+    js: Any,
+    names: Names,
+    run_id: str,
+    *,
+    shape: GraphShape,
+    read_journal: Callable[[], Awaitable[list[dict[str, Any]]]],
+    settle: float = SETTLE,
 ) -> list[str]:
-    """Reopen the run record and publish a new attempt for each node to resume; return their names."""
+    """Reopen the run record and publish a new attempt for each node to resume; return their names.
+    See the module docstring for the order of the steps and why."""
     key = Names.run_key(run_id)
     current = await store.get(key)
     if current is None or current.value.get("status") != RunStatus.FAILED.value:
         status = current.value.get("status") if current else "missing"
         raise RunNotRetryable(f"run {run_id!r} is {status}; only a failed run can be retried")
     record = current.value
+    failed_at = record.get("finished_at")
+    if isinstance(failed_at, int | float):
+        await asyncio.sleep(min(settle, max(0.0, failed_at + settle - time.time())))
+    epoch = epoch_of_record(record) + 1
     reopened = {
         **record,
         "status": RunStatus.RUNNING.value,
         "error": None,
         "finished_at": None,
-        "resumed": [*record.get("resumed", []), {"at": time.time(), "after": record.get("error")}],
+        "resumed": [
+            *record.get("resumed", []),
+            {"at": time.time(), "after": record.get("error"), "epoch": epoch},
+        ],
     }
     try:
         await store.update(key, reopened, current.revision)
     except StateConflict as exc:
         raise RunNotRetryable(f"run {run_id!r} changed while retrying it; look at it again") from exc
     workflow = record["workflow"]
-    views = fold_events(events)
+    views = fold_events(await read_journal())
     outputs = {name: view.output for name, view in views.items() if view.status is NodeStatus.COMPLETED}
     chosen = nodes_to_resume(shape, views)
-    await js.publish(names.run_event(workflow, run_id, "resumed"), encode({"nodes": chosen}))
+    trace = {**dict(record.get("trace") or {}), EPOCH_HEADER: str(epoch)}
+    await js.publish(
+        names.run_event(workflow, run_id, "resumed"),
+        encode({"nodes": chosen, "epoch": epoch}),
+        headers={**trace, "Nats-Msg-Id": f"{run_id}.run.resumed.{epoch}"},
+    )
     for node in chosen:
         attempt = (views[node].attempts if node in views else 0) + 1
         body = {
             "attempt": attempt,
             "input": record.get("input"),
             "outputs": {up: outputs.get(up) for up in shape.upstreams[node]},
+            "resume": epoch,
         }
         await js.publish(
             names.event(workflow, run_id, node, "retry"),
             encode(body),
-            headers={"Nats-Msg-Id": f"{run_id}.{node}.{attempt}.resume", **dict(record.get("trace") or {})},
+            headers={**trace, "Nats-Msg-Id": f"{run_id}.{node}.{attempt}.resume.{epoch}"},
         )
     return chosen

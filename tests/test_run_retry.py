@@ -1,0 +1,216 @@
+"""``flowctl retry`` (``RunHandle.retry``) against what may still be on its way when it runs: messages
+from before the retry must not start a node the retry also issued (DESIGN.md invariant 2), and a
+node whose scheduled retry came due while the run was failed must run again."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from flow_orchestrator import NodeContext, RetryPolicy, RunFailed, Workflow
+from flow_orchestrator.testing import LocalEnvironment, eventually
+
+
+def _counter() -> tuple[dict[str, list[int]], Any]:
+    calls: dict[str, list[int]] = {}
+
+    def count(ctx: NodeContext) -> None:
+        calls.setdefault(ctx.node, []).append(ctx.attempt)
+
+    return calls, count
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["same-worker", "new-worker"])
+async def test_a_completion_waiting_through_the_retry_does_not_start_its_node_twice(
+    env_factory: Any, restart: bool
+) -> None:
+    """A node of the failed run finishes, and its completion waits in the stream for its downstream
+    node through the retry (its consumer is paused here; in life, a busy or redeployed worker pool).
+    The retry also issues that downstream node. It runs once: on a worker that saw the retry, and on
+    one started after it (the deploy-the-fix case), which learns of the retry when it starts."""
+    wf = Workflow("delayed")
+    calls, count = _counter()
+    broken, release = {"yes": True}, asyncio.Event()
+
+    @wf.node()
+    async def first(ctx: NodeContext) -> int:
+        return 1
+
+    @wf.node(depends_on=[first])
+    async def fragile(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["yes"]:
+            raise RuntimeError("bug in fragile")
+        return 2
+
+    @wf.node(depends_on=[first])
+    async def side(ctx: NodeContext) -> int:
+        count(ctx)
+        await release.wait()
+        return 10
+
+    @wf.node(depends_on=[side])
+    async def after(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.2)  # long enough for a second start to overlap the first
+        return ctx.output("side") + 1
+
+    @wf.node(depends_on=[fragile, after])
+    async def finish(ctx: NodeContext) -> int:
+        count(ctx)
+        return ctx.output("fragile") + ctx.output("after")
+
+    env: LocalEnvironment = await env_factory([wf])
+    jsm, stream = env.client.bus.js, env.names.events_stream
+    consumer = env.names.node_consumer("delayed", "after")
+    handle = await env.client.start("delayed", {})
+    with pytest.raises(RunFailed, match="bug in fragile"):
+        await handle.result()
+    await eventually(lambda: "side" in calls, within=10)
+    await jsm.pause_consumer(stream, consumer, "2099-01-01T00:00:00Z")
+    release.set()
+
+    async def side_completed() -> bool:
+        journal = await env.client.journal(handle.run_id, "delayed")
+        return ("side", "completed") in [(e["node"], e["kind"]) for e in journal]
+
+    await eventually(side_completed, within=10)
+    if restart:
+        [worker] = env.workers
+        await worker.stop()
+        env.workers.clear()
+    broken["yes"] = False  # "deploy the fix"
+    # fragile's new attempt waits too: a worker learns of the retry from `after`'s messages alone.
+    await jsm.pause_consumer(stream, env.names.node_consumer("delayed", "fragile"), "2099-01-01T00:00:00Z")
+    assert await handle.retry() == ["fragile", "after"]
+    if restart:
+        await env.add_worker()
+    await jsm.resume_consumer(stream, consumer)  # side's completion reaches `after` only now
+
+    async def after_completed() -> bool:
+        journal = await env.client.journal(handle.run_id, "delayed")
+        return ("after", "completed") in [(e["node"], e["kind"]) for e in journal]
+
+    await eventually(after_completed, within=10)
+    await asyncio.sleep(0.5)  # a second start of `after`, if any, has begun by now
+    await jsm.resume_consumer(stream, env.names.node_consumer("delayed", "fragile"))
+    async with asyncio.timeout(15):
+        assert await handle.result() == 2 + 11
+    assert calls == {"fragile": [1, 2], "side": [1], "after": [1], "finish": [1]}
+
+
+async def test_a_scheduled_retry_that_came_due_while_the_run_was_failed_runs_after_the_retry(
+    env_factory: Any,
+) -> None:
+    wf = Workflow("duewhilefailed")
+    calls, count = _counter()
+    broken = {"yes": True}
+
+    @wf.node(retry=RetryPolicy(max_attempts=3, initial=0.3, jitter=0.0))
+    async def flaky(ctx: NodeContext) -> int:
+        count(ctx)
+        if ctx.attempt == 1:
+            raise ConnectionError("service unavailable")
+        return 1
+
+    @wf.node()
+    async def fragile(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.05)  # fails once flaky's retry is scheduled
+        if broken["yes"]:
+            raise ValueError("bug in fragile")
+        return 2
+
+    @wf.node(depends_on=[flaky, fragile])
+    async def total(ctx: NodeContext) -> int:
+        return ctx.output("flaky") + ctx.output("fragile")
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("duewhilefailed", {})
+    with pytest.raises(RunFailed, match="bug in fragile"):
+        await handle.result()
+
+    async def retry_came_due() -> bool:
+        journal = await env.client.journal(handle.run_id, "duewhilefailed")
+        return ("flaky", "retry") in [(e["node"], e["kind"]) for e in journal]
+
+    await eventually(retry_came_due, within=10)  # ... and was dropped: the run had failed
+    await asyncio.sleep(0.2)
+    assert calls["flaky"] == [1]
+    broken["yes"] = False
+    assert await handle.retry() == ["flaky", "fragile"]
+    async with asyncio.timeout(15):  # it used to wait for ever: flaky's retry was never issued again
+        assert await handle.result() == 3
+    assert calls == {"flaky": [1, 2], "fragile": [1, 2]}
+
+
+async def test_a_scheduled_retry_due_after_the_retry_does_not_run_its_node_again(
+    env_factory: Any,
+) -> None:
+    """The retry issues a node waiting for its scheduled retry at once; the scheduled message,
+    when it comes due later, finds the node claimed and starts nothing."""
+    wf = Workflow("dueafter")
+    calls, count = _counter()
+    broken = {"yes": True}
+
+    @wf.node(retry=RetryPolicy(max_attempts=3, initial=2.5, jitter=0.0))
+    async def flaky(ctx: NodeContext) -> int:
+        count(ctx)
+        if ctx.attempt == 1:
+            raise ConnectionError("service unavailable")
+        return 1
+
+    @wf.node()
+    async def fragile(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.05)
+        if broken["yes"]:
+            raise ValueError("bug in fragile")
+        return 2
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("dueafter", {})
+    with pytest.raises(RunFailed, match="bug in fragile"):
+        await handle.result()
+    broken["yes"] = False
+    assert await handle.retry() == ["flaky", "fragile"]  # before flaky's retry comes due
+    assert await handle.result() == {"flaky": 1, "fragile": 2}
+
+    async def came_due() -> bool:
+        journal = await env.client.journal(handle.run_id, "dueafter")
+        return [e["kind"] for e in journal if e["node"] == "flaky"].count("retry") == 2
+
+    await eventually(came_due, within=10)
+    await asyncio.sleep(0.3)
+    assert calls == {"flaky": [1, 2], "fragile": [1, 2]}
+
+
+async def test_a_retried_run_that_fails_again_says_so(env_factory: Any) -> None:
+    """Its second end is a journal event too (its message id used to repeat the first's, so the
+    stream dropped it as a duplicate: live views, workers' run gates and metrics missed it)."""
+    wf = Workflow("twice")
+
+    @wf.node()
+    async def bad(ctx: NodeContext) -> int:
+        raise RuntimeError(f"broken on attempt {ctx.attempt}")
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("twice", {})
+    with pytest.raises(RunFailed, match="attempt 1"):
+        await handle.result()
+    assert await handle.retry() == ["bad"]
+    with pytest.raises(RunFailed, match="attempt 2"):
+        await handle.result()
+
+    async def failed_twice() -> bool:
+        journal = await env.client.journal(handle.run_id, "twice")
+        return [e["kind"] for e in journal if e["node"] == "_run"] == [
+            "started",
+            "failed",
+            "resumed",
+            "failed",
+        ]
+
+    await eventually(failed_twice, within=10)
