@@ -64,6 +64,11 @@ async def test_each_role_does_its_part_and_no_more(secured: EmbeddedServer) -> N
         async with await Client.connect(_as(secured, "observer")) as observer:
             letters = await eventually(lambda: _letters(observer), within=20)
             assert [letter.reason for letter in letters] == ["invalid_payload"]
+            with pytest.raises(PermissionDenied, match=r"allowed to replay dead letters"):
+                await observer.replay_dead_letter(letters[0].id)
+        async with await Client.connect(_as(secured, "trigger")) as trigger:
+            with pytest.raises(PermissionDenied, match=r"allowed to retry runs"):
+                await trigger.get_handle(handle.run_id, "diamond").retry()
 
 
 async def _letters(client: Client) -> list[DeadLetter] | None:

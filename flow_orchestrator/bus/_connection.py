@@ -34,10 +34,17 @@ class Bus:
     reconnected: set[Callable[[], None]] = field(default_factory=set)
     # Subjects (lower case, as the client reports them) the server refused to let us publish to.
     refused: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    refusals: int = 0  # how many refusals this connection got (a repeat of a subject counts again)
 
     def refusal(self, subject: str) -> str | None:
         """The server's words if it refused a publish to ``subject`` on this connection."""
         return self.refused.get(subject.lower())
+
+    def refusal_since(self, count: int) -> tuple[str, str] | None:
+        """The latest refusal (subject, the server's words), if any came after the ``count``-th."""
+        if self.refusals <= count or not self.refused:
+            return None
+        return next(reversed(self.refused.items()))
 
     async def close(self) -> None:
         """Drain: flush what was published and deliver what was received, then close."""
@@ -72,6 +79,7 @@ async def connect(
         refused = _REFUSED_PUBLISH.search(str(exc))
         if refused is not None:
             remember(bus.refused, refused.group(1).lower(), str(exc), REFUSALS_KEPT)
+            bus.refusals += 1
 
     async def on_disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):

@@ -292,19 +292,20 @@ class RunHandle:
         Returns the nodes given a new attempt. Raises :class:`RunNotRetryable` unless it failed."""
         client = self.client
         description = await client.describe(self.workflow)
-        return await resume_failed_run(
-            client.store,
-            client.bus.js,
-            client.names,
-            self.run_id,
-            shape=shape_from_description(description),
-            read_journal=lambda: client.journal(self.run_id, self.workflow),
-        )
+        with client._denied_if_refused("retry runs"):
+            return await resume_failed_run(
+                client.store,
+                client.bus.js,
+                client.names,
+                self.run_id,
+                shape=shape_from_description(description),
+                read_journal=lambda: client.journal(self.run_id, self.workflow),
+            )
 
     async def cancel(self, reason: str | None = None) -> None:
         """Ask the supervisor to cancel the run; running attempts are cancelled, the rest never start."""
         subject = self.client.names.run_event(self.workflow, self.run_id, "cancel")
-        with self.client._denied_if_refused(subject, "cancel runs"):
+        with self.client._denied_if_refused("cancel runs", subject):
             await self.client.bus.js.publish(subject, encode({"reason": reason}))
 
 
@@ -384,7 +385,7 @@ class Client:
         propagate.inject(headers)  # nothing when no span is current
         subject = self.names.trigger(handle.workflow)
         try:
-            with self._denied_if_refused(subject, "start runs"):
+            with self._denied_if_refused("start runs", subject):
                 return await self.bus.js.publish(subject, encode(input), headers=headers)
         except nats.errors.MaxPayloadError as exc:
             raise PayloadTooLarge(
@@ -393,17 +394,23 @@ class Client:
             ) from None
 
     @contextlib.contextmanager
-    def _denied_if_refused(self, subject: str, what: str) -> Iterator[None]:
+    def _denied_if_refused(self, what: str, subject: str | None = None) -> Iterator[None]:
         """A publish the server refused only times out (the refusal comes on the connection, not as
-        a reply): raise :class:`PermissionDenied` for it instead, naming the subject."""
+        a reply): raise :class:`PermissionDenied` for it instead, naming the subject (``subject``'s
+        refusal, or without one, any that came during the block)."""
+        count = self.bus.refusals
         try:
             yield
         except nats.errors.TimeoutError:
-            refused = self.bus.refusal(subject)
+            if subject is not None:
+                words = self.bus.refusal(subject)
+                refused = (subject, words) if words is not None else None
+            else:
+                refused = self.bus.refusal_since(count)
             if refused is None:
                 raise
             raise PermissionDenied(
-                f"the NATS server refused to let this connection publish to {subject!r} ({refused}); "
+                f"the NATS server refused to let this connection publish to {refused[0]!r} ({refused[1]}); "
                 f"connect as a user allowed to {what} (deploy/nats/accounts.conf)"
             ) from None
 
@@ -534,7 +541,8 @@ class Client:
 
     async def replay_dead_letter(self, letter_id: int) -> str:
         """Publish a dead-lettered trigger again (after fixing what rejected it); returns its run id."""
-        return await replay_dead_letter(self.bus.js, self.names, letter_id)
+        with self._denied_if_refused("replay dead letters"):
+            return await replay_dead_letter(self.bus.js, self.names, letter_id)
 
     async def journal(self, run_id: str, workflow: str) -> list[dict[str, Any]]:
         """Every event of a run, oldest first: ``{node, kind, at, data, headers}``."""
