@@ -34,7 +34,7 @@ class DuplicateNodeError(WorkflowDefinitionError):
 
 
 class InvalidNameError(WorkflowDefinitionError):
-    """A workflow, node, run id or data key is not safe as a NATS subject token."""
+    """A workflow, node or data key name is not safe as a NATS subject token."""
 
 
 class EmptyWorkflowError(WorkflowDefinitionError):
@@ -86,7 +86,8 @@ class UnknownWorkflow(MessageError, LookupError):
 
 
 class InvalidRunId(MessageError, ValueError):
-    """A run id (the ``Nats-Msg-Id`` of a trigger) is not subject-token safe."""
+    """A run id is not subject-token safe: a trigger's (its ``Flow-Run-Id`` or ``Nats-Msg-Id``
+    header), or one given to a client call."""
 
     reason = "invalid_run_id"
 

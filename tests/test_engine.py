@@ -13,6 +13,7 @@ from rich.console import Console
 from flow_orchestrator import (
     InvalidNameError,
     InvalidPayload,
+    InvalidRunId,
     NodeContext,
     NodeStatus,
     PayloadTooLarge,
@@ -410,6 +411,30 @@ async def test_unknown_workflow_trigger_is_dead_lettered(env_factory: Any) -> No
     assert event["reason"] == "unknown_workflow"
     with pytest.raises(UnknownWorkflow):
         await env.client.start("nosuch", {})
+
+
+async def test_a_trigger_subject_of_several_tokens_is_dead_lettered_at_once(env_factory: Any) -> None:
+    """No workflow name has a dot: such a trigger is not kept waiting for a worker that could never
+    register its workflow."""
+    env: LocalEnvironment = await env_factory([wfs.chain(1)], unknown_workflow_grace=60.0)
+    subject = env.names.trigger("chain1") + ".extra"
+    await env.client.bus.js.publish(subject, encode({}), headers={"Nats-Msg-Id": "x-1"})
+    async with asyncio.timeout(15):  # well inside the 60 s grace
+        [record] = await _dead_letters(env, 1)
+    assert record["reason"] == "unknown_workflow"
+    assert "names no workflow" in record["error"]
+    assert repr(subject) in record["error"]
+
+
+async def test_run_id_errors_are_typed_and_name_their_source(env_factory: Any) -> None:
+    env: LocalEnvironment = await env_factory([wfs.diamond])
+    with pytest.raises(InvalidRunId, match="not subject-token safe"):
+        await env.client.start(wfs.diamond, {"order_id": "o", "amount": 1}, run_id="bad id")
+    headers = {"Flow-Run-Id": "also bad!", "Nats-Msg-Id": "fine-1"}
+    await env.client.bus.js.publish(env.names.trigger("diamond"), encode({}), headers=headers)
+    [record] = await _dead_letters(env, 1)
+    assert record["reason"] == "invalid_run_id"
+    assert "(Flow-Run-Id) 'also bad!'" in record["error"]
 
 
 async def test_client_validates_input_before_publishing(env_factory: Any) -> None:

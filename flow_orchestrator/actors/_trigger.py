@@ -39,11 +39,12 @@ def run_id_for(msg: Msg) -> str:
     """The run id of a trigger: ``Flow-Run-Id`` (a replayed dead letter), else its ``Nats-Msg-Id``,
     else one derived from the message, stable across redeliveries."""
     headers = msg.headers or {}
-    given = headers.get(RUN_ID_HEADER) or headers.get(MSG_ID)
+    header = RUN_ID_HEADER if headers.get(RUN_ID_HEADER) else MSG_ID
+    given = headers.get(header)
     if given is not None:
         if not is_valid_run_id(given):
             raise InvalidRunId(
-                f"trigger on {msg.subject!r} has run id (Nats-Msg-Id) {given!r}, which is not valid: "
+                f"trigger on {msg.subject!r} has run id ({header}) {given!r}, which is not valid: "
                 "use 1-128 letters, digits, '_' or '-'"
             )
         return given
@@ -154,6 +155,11 @@ class TriggerRouter(Actor):
 
     async def receive(self, msg: Msg) -> None:
         workflow = msg.subject.split(".", 2)[2]
+        if "." in workflow:  # no workflow has a name of several tokens: waiting would not help
+            raise UnknownWorkflow(
+                f"trigger subject {msg.subject!r} names no workflow: a workflow's trigger subject is "
+                f"{self.system.names.trigger('<workflow>')!r}, one token after 'trigger'"
+            )
         meta = msg.metadata
         published = meta.timestamp.timestamp() if meta.timestamp else time.time()
         grace = self.system.unknown_workflow_grace

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from flow_orchestrator._errors import InvalidNameError
+from flow_orchestrator._errors import InvalidNameError, InvalidRunId
 
 RUN_TOKEN = "_run"  # the node token of run-level events (a virtual node, so user nodes may not start with _)
 TRIGGER_TOKEN = "_trigger"
@@ -33,8 +33,9 @@ def is_valid_run_id(run_id: str) -> bool:
 
 
 def check_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it is a valid run id, else raise :class:`InvalidRunId`."""
     if not is_valid_run_id(run_id):
-        raise InvalidNameError(
+        raise InvalidRunId(
             f"run id {run_id!r} is not subject-token safe: use 1-128 letters, digits, '_' or '-'"
         )
     return run_id
