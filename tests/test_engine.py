@@ -375,6 +375,33 @@ async def test_results_and_failure_reports_too_large_to_store_end_the_run(env_fa
     assert (await handle.status()).nodes["both"].attempts == 1
 
 
+async def test_results_that_fit_the_run_record_but_not_its_end_event_still_reach_the_client(
+    env_factory: Any,
+) -> None:
+    """The end event carries the results with its own fields and a message id naming the run; when
+    that is just too large while the record is not, the event says the results are in the record."""
+    wf = Workflow("nearlimit")
+    size: dict[str, int] = {}
+
+    @wf.node()
+    async def sink(ctx: NodeContext) -> str:
+        return "z" * size["output"]
+
+    env: LocalEnvironment = await env_factory([wf])
+    run_id = "r" * 128  # the end event's message id is the longest part its headers add
+    limit = env.client.bus.nc.max_payload
+    end = {"created_at": 0.0, "finished_at": 0.0, "attempts_lost": 0, "results": {"sink": ""}}
+    end_headers = len(f"NATS/1.0\r\nNats-Msg-Id: {run_id}.run.completed\r\n\r\n")
+    size["output"] = limit - len(encode(end)) - end_headers + 16  # the end event is 16 bytes too large
+    handle = await env.client.start("nearlimit", {}, run_id=run_id)
+    async with asyncio.timeout(30):  # it used to wait for ever: the end event never went out
+        assert len(await handle.result()) == size["output"]
+    journal = await env.client.journal(run_id, "nearlimit")
+    [ended] = [e for e in journal if e["node"] == "_run" and e["kind"] == "completed"]
+    assert ended["data"]["results_in_record"] is True
+    assert "results" not in ended["data"]
+
+
 async def test_an_input_that_fits_a_trigger_but_not_a_run_record_is_oversized(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([wfs.chain(1)])
     # 500 KB of JSON floats (4 bytes each) is 1.1 MB of msgpack (9 bytes each) in the run record.

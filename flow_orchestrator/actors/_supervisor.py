@@ -200,7 +200,15 @@ class SupervisorActor(Actor):
         # A retried run can end again: each of its ends is a message of its own.
         epoch = epoch_of_record(record)
         msg_id = f"{run_id}.run.{status}" + (f".{epoch}" if epoch else "")
-        await self.system.emit(self._run_subject(run_id, status), body, msg_id=msg_id, headers=headers)
+        subject = self._run_subject(run_id, status)
+        try:
+            await self.system.emit(subject, body, msg_id=msg_id, headers=headers)
+        except UnencodableValue:
+            # Results that fit in the run record, but not in one message with the event's other
+            # fields and headers: the event says where they are instead of never going out.
+            del body["results"]
+            body["results_in_record"] = True
+            await self.system.emit(subject, body, msg_id=msg_id, headers=headers)
 
     def _subject(self, run_id: str, node: str, kind: str) -> str:
         return self.system.names.event(self.definition.name, run_id, node, kind)

@@ -257,7 +257,9 @@ class RunHandle:
                 what, status, body = await done
                 if what == "rejected":
                     raise self._rejected(body)
-                if whole_record:
+                if body.get("results_in_record"):
+                    record = await self._terminal_record()
+                elif whole_record:
                     record = await self.client._run_record(self.run_id)
                 if not whole_record or record is None or record.get("status") not in _TERMINAL_RUN:
                     # The event carries what ended the run; a record read may lag behind it (a
@@ -267,6 +269,17 @@ class RunHandle:
             await watch.close()
         if record is None:
             raise RunNotFound(f"run {self.run_id!r} has no record")
+        return record
+
+    async def _terminal_record(self) -> dict[str, Any] | None:
+        """The run's record once it shows the end its event announced (a replica may lag a little):
+        for an end event whose results were too large to carry."""
+        record = None
+        for _ in range(20):
+            record = await self.client._run_record(self.run_id)
+            if record is not None and record.get("status") in _TERMINAL_RUN:
+                break
+            await asyncio.sleep(0.05)
         return record
 
     async def _output(self, record: dict[str, Any]) -> Any:
