@@ -204,6 +204,8 @@ class SupervisorActor(Actor):
         try:
             await self.system.emit(subject, body, msg_id=msg_id, headers=headers)
         except UnencodableValue:
+            if "results" not in body:
+                raise
             # Results that fit in the run record, but not in one message with the event's other
             # fields and headers: the event says where they are instead of never going out.
             del body["results"]
