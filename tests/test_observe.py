@@ -20,7 +20,6 @@ import pytest
 from rich.console import Console
 
 from flow_orchestrator import (
-    Client,
     NodeContext,
     NodeStatus,
     NonRetryableError,
@@ -285,22 +284,21 @@ async def test_workflow_events_by_default_start_from_now(env_factory: Any) -> No
     env: LocalEnvironment = await env_factory([quick])
     earlier = await env.client.start(quick)
     await earlier.result()
-    consumers = await _consumer_count(env.client)
-
-    async def following() -> bool:
-        return await _consumer_count(env.client) == consumers + 1
+    probe = env.names.run_event("obs_quick", "probe", "probe")  # an event no worker listens for
 
     async with aclosing(env.client.workflow_events("obs_quick")) as events:
         first_event = asyncio.ensure_future(anext(events))
-        await eventually(following, within=10, message="the follower's consumer exists")
-        later = await env.client.start(quick)
         async with asyncio.timeout(20):
-            event = await first_event
+            # Once the follower yields a probe stored after it started, it is surely following.
+            while not first_event.done():
+                await env.client.bus.js.publish(probe, b"")
+                await asyncio.wait([first_event], timeout=0.2)
+            assert (first_event.result().run_id, first_event.result().kind) == ("probe", "probe")
+            later = await env.client.start(quick)
+            event = await anext(events)
+            while event.run_id == "probe":  # probes published before the first was yielded
+                event = await anext(events)
     assert (event.run_id, event.node, event.kind) == (later.run_id, None, "started")
-
-
-async def _consumer_count(client: Client) -> int:
-    return (await client.bus.js.stream_info(client.names.events_stream)).state.consumer_count
 
 
 async def test_watch_run_draws_the_dag_live_on_a_terminal(env_factory: Any) -> None:

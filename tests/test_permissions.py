@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 import nats.errors
 import pytest
 from nats.js.api import ConsumerConfig
 
-from flow_orchestrator import Client, PermissionDenied, Worker
+from flow_orchestrator import Client, PermissionDenied, RunEvent, Worker
 from flow_orchestrator.bus import EmbeddedServer, encode
 from flow_orchestrator.runtime._dead_letters import DeadLetter
 from flow_orchestrator.testing import eventually
@@ -58,6 +60,19 @@ async def test_each_role_does_its_part_and_no_more(secured: EmbeddedServer) -> N
             with pytest.raises(PermissionDenied, match=r"\._run\.cancel'.*allowed to cancel runs"):
                 await watched.cancel("an observer may not")
             await _observer_cannot_touch_the_workers_consumers(observer)
+            replayed = [(e.node, e.kind) async for e in observer.events(handle.run_id)]
+            assert replayed[-1] == (None, "completed")
+            assert replayed.count(("ship", "completed")) == 1
+            # Live: the observer follows a run that starts after it began to listen.
+            live = asyncio.create_task(_kinds(observer.events("watched-1", "diamond")))
+            await asyncio.sleep(0.3)
+            async with await Client.connect(_as(secured, "trigger")) as trigger:
+                await trigger.start("diamond", ORDER, run_id="watched-1")
+            async with asyncio.timeout(20):
+                kinds = await live
+            assert kinds[0] == (None, "started")
+            assert kinds[-1] == (None, "completed")
+            assert ("ship", "completed") in kinds
         async with await Client.connect(_as(secured, "trigger")) as trigger:  # a raw publisher's bad input
             subject, bad = trigger.names.trigger("diamond"), encode({"amount": -5})
             await trigger.bus.js.publish(subject, bad, headers={"Nats-Msg-Id": "bad-1"})
@@ -71,14 +86,18 @@ async def test_each_role_does_its_part_and_no_more(secured: EmbeddedServer) -> N
                 await trigger.get_handle(handle.run_id, "diamond").retry()
 
 
+async def _kinds(events: AsyncGenerator[RunEvent, None]) -> list[tuple[str | None, str]]:
+    return [(event.node, event.kind) async for event in events]
+
+
 async def _letters(client: Client) -> list[DeadLetter] | None:
     return await client.dead_letters("diamond") or None
 
 
 async def _observer_cannot_touch_the_workers_consumers(observer: Client) -> None:
-    """It may create unnamed ordered consumers only: it cannot pull from a worker's durable consumer
-    (which would take its deliveries) nor change one through the consumer's own subject. (A create
-    without a name in its subject can still name and change one: see deploy/nats/accounts.conf.)"""
+    """It reads the events stream without consumers: it can neither pull from a worker's durable
+    consumer (which would take its deliveries) nor change one, through the consumer's own subject or
+    through the create request without a name in its subject (whose body names the consumer)."""
     js, stream, durable = observer.bus.js, observer.names.events_stream, "node_diamond_validate"
     pull = await js.pull_subscribe_bind(durable, stream=stream)
     with pytest.raises(nats.errors.TimeoutError):
@@ -86,4 +105,9 @@ async def _observer_cannot_touch_the_workers_consumers(observer: Client) -> None
     assert observer.bus.refusal(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}")
     with pytest.raises(nats.errors.TimeoutError):
         await js.add_consumer(stream, ConsumerConfig(durable_name=durable, ack_wait=1.0), timeout=1.0)
+    unnamed = f"$JS.API.CONSUMER.CREATE.{stream}"
+    body = {"stream_name": stream, "config": {"durable_name": durable, "ack_wait": 1_000_000_000}}
+    with pytest.raises(nats.errors.TimeoutError):
+        await observer.bus.nc.request(unnamed, json.dumps(body).encode(), timeout=1.0)
+    assert observer.bus.refusal(unnamed)
     assert (await js.consumer_info(stream, durable)).config.ack_wait == 30  # the worker's, unchanged

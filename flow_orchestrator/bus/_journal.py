@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from flow_orchestrator.bus._codec import decode
+from flow_orchestrator.bus._reader import read_stored
 from flow_orchestrator.bus._subjects import parse_event_subject
 
 EXPECT_NEW_SUBJECT = {"Nats-Expected-Last-Subject-Sequence": "0"}
@@ -121,18 +122,30 @@ async def read_messages(js: JetStreamContext, stream: str, subject: str) -> list
         await sub.unsubscribe()
 
 
-async def read_events(js: JetStreamContext, stream: str, subject: str) -> list[dict[str, Any]]:
-    """Every event on ``subject`` (wildcards allowed), oldest first, as ``{node, kind, at, data}``."""
+async def read_events(
+    js: JetStreamContext, stream: str, subject: str, *, nc: NatsClient | None = None
+) -> list[dict[str, Any]]:
+    """Every event on ``subject`` (wildcards allowed), oldest first, as ``{node, kind, at, data,
+    headers}``. With ``nc``, read by direct gets (no consumer: what an observer may do; on a cluster a
+    replica may answer and lag a moment behind); without, through an ordered consumer on the
+    stream's leader."""
+    if nc is not None:
+        stored = await read_stored(nc, js, stream, subject)
+        found = [(m.subject, m.at, m.data, m.headers) for m in stored]
+    else:
+        found = [
+            (
+                m.subject,
+                m.metadata.timestamp.timestamp() if m.metadata.timestamp else None,
+                m.data,
+                dict(m.headers or {}),
+            )
+            for m in await read_messages(js, stream, subject)
+        ]
     events: list[dict[str, Any]] = []
-    for msg in await read_messages(js, stream, subject):
-        _, _, node, kind = parse_event_subject(msg.subject)
+    for message_subject, at, data, headers in found:
+        _, _, node, kind = parse_event_subject(message_subject)
         events.append(
-            {
-                "node": node,
-                "kind": kind,
-                "at": msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else None,
-                "data": decode(msg.data) if msg.data else {},
-                "headers": dict(msg.headers or {}),
-            }
+            {"node": node, "kind": kind, "at": at, "data": decode(data) if data else {}, "headers": headers}
         )
     return events

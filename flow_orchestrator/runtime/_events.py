@@ -11,12 +11,9 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-
 from flow_orchestrator._errors import MalformedMessage
 from flow_orchestrator.bus._codec import decode
+from flow_orchestrator.bus._reader import Stored, follow_stored, read_stored
 from flow_orchestrator.bus._subjects import (
     RUN_TOKEN,
     TRIGGER_TOKEN,
@@ -76,8 +73,8 @@ async def follow_run(
     From the start (the default), the journal so far is replayed first, so a finished run's events
     are all yielded and the iteration ends by itself. Without ``workflow`` it is looked up in the run
     record (:class:`RunNotFound` if there is none yet); pass it to follow a run a worker has not
-    accepted yet. An iteration abandoned early should be closed (``contextlib.aclosing``) so its
-    consumer goes at once. ``rejection_is_ours`` (from the handle that published the trigger) skips
+    accepted yet. An iteration abandoned early should be closed (``contextlib.aclosing``) so it
+    unsubscribes at once. ``rejection_is_ours`` (from the handle that published the trigger) skips
     the rejection of an earlier trigger with the same run id.
     """
     run_id = check_run_id(run_id)
@@ -90,21 +87,21 @@ async def follow_run(
     # A run that ended before we looked may have outlived its journal (the events stream expires,
     # run records do not): stop once the replay has caught up, even without a terminal event.
     ended_before = from_start and record is not None and record.get("status") in RUN_END_KINDS
-    sub = await _subscribe(client, client.names.events_of_run(workflow, run_id), from_start=from_start)
-    try:
-        if ended_before and await _nothing_to_replay(sub):
-            return
-        while True:
-            msg = await sub.next_msg(timeout=None)
-            event = _event_of(msg)
+    subject = client.names.events_of_run(workflow, run_id)
+    nc, js, stream = client.bus.nc, client.bus.js, client.names.events_stream
+    if ended_before:
+        stored: AsyncGenerator[Stored, None] = _iterate(await read_stored(nc, js, stream, subject))
+    else:
+        stored = follow_stored(nc, js, stream, subject, from_start=from_start)
+    async with contextlib.aclosing(stored):
+        async for message in stored:
+            event = _event_of(message)
             if event is not None and event.kind == REJECTED and rejection_is_ours is not None:
                 event = event if rejection_is_ours(event.data) else None
             if event is not None:
                 yield event
-            if (event is not None and event.ends_run) or (ended_before and not msg.metadata.num_pending):
-                return
-    finally:
-        await _unsubscribe(sub)
+                if event.ends_run:
+                    return
 
 
 async def follow_workflow(
@@ -112,55 +109,38 @@ async def follow_workflow(
 ) -> AsyncGenerator[RunEvent, None]:
     """Yield the events of every run of ``workflow`` as they happen (with ``from_start``, the whole
     retained journal first). It never ends by itself: break out of the loop, or bound it with
-    ``asyncio.timeout``, and close it (``contextlib.aclosing``) so its consumer goes at once."""
+    ``asyncio.timeout``, and close it (``contextlib.aclosing``) so it unsubscribes at once."""
     subject = client.names.event(check_name("workflow", workflow), "*", "*", "*")
-    sub = await _subscribe(client, subject, from_start=from_start)
-    try:
-        while True:
-            event = _event_of(await sub.next_msg(timeout=None))
+    stored = follow_stored(
+        client.bus.nc, client.bus.js, client.names.events_stream, subject, from_start=from_start
+    )
+    async with contextlib.aclosing(stored):
+        async for message in stored:
+            event = _event_of(message)
             if event is not None:
                 yield event
-    finally:
-        await _unsubscribe(sub)
 
 
-async def _subscribe(client: Client, subject: str, *, from_start: bool) -> JetStreamContext.PushSubscription:
-    """An ordered push consumer: ephemeral, in memory, no acks; the client recreates it from the
-    last sequence it saw when it detects a gap, so events arrive once each and in stream order."""
-    return await client.bus.js.subscribe(
-        subject,
-        stream=client.names.events_stream,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
-    )
+async def _iterate(messages: list[Stored]) -> AsyncGenerator[Stored, None]:
+    for message in messages:
+        yield message
 
 
-async def _nothing_to_replay(sub: JetStreamContext.PushSubscription) -> bool:
-    info = await sub.consumer_info()
-    return not info.num_pending and not (info.delivered and info.delivered.consumer_seq)
-
-
-async def _unsubscribe(sub: JetStreamContext.PushSubscription) -> None:
-    with contextlib.suppress(Exception):  # the connection may be closing: the server drops it anyway
-        await sub.unsubscribe()
-
-
-def _event_of(msg: Msg) -> RunEvent | None:
+def _event_of(message: Stored) -> RunEvent | None:
     try:
-        workflow, run_id, node, kind = parse_event_subject(msg.subject)
+        workflow, run_id, node, kind = parse_event_subject(message.subject)
     except ValueError:
         return None
     try:
-        payload = decode(msg.data) if msg.data else {}
+        payload = decode(message.data) if message.data else {}
     except MalformedMessage:
         payload = {}  # the subject still says what happened; observers must not crash on a bad body
-    timestamp = msg.metadata.timestamp
     return RunEvent(
         workflow=workflow,
         run_id=run_id,
         node=None if node in (RUN_TOKEN, TRIGGER_TOKEN) else node,
         kind=kind,
-        at=timestamp.timestamp() if timestamp else time.time(),
+        at=message.at if message.at is not None else time.time(),
         data=payload if isinstance(payload, dict) else {"value": payload},
-        seq=int(msg.metadata.sequence.stream),
+        seq=message.seq,
     )
