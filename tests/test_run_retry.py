@@ -5,11 +5,17 @@ node whose scheduled retry came due while the run was failed must run again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+import types
 from typing import Any
 
+import nats.errors
 import pytest
 
-from flow_orchestrator import NodeContext, RetryPolicy, RunFailed, Workflow
+from flow_orchestrator import NodeContext, NonRetryableError, RetryPolicy, RunFailed, Workflow
+from flow_orchestrator.actors._node import NodeActor
+from flow_orchestrator.runtime import _resume
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
 
@@ -214,3 +220,214 @@ async def test_a_retried_run_that_fails_again_says_so(env_factory: Any) -> None:
         ]
 
     await eventually(failed_twice, within=10)
+
+
+async def test_a_redelivered_attempt_that_already_failed_does_not_take_the_claim(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's failure is stored but its message is not acknowledged, and comes back after the
+    retry: it starts nothing (its attempt's outcome is in the journal), so it must not claim the
+    node either, or the retry's own attempt would never run."""
+    wf = Workflow("unacked")
+    calls, count = _counter()
+    finish, lost_ack = NodeActor._finish, {"done": False}
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> int:
+        count(ctx)
+        if ctx.attempt == 1:
+            raise NonRetryableError("bug in x")
+        return 7
+
+    async def finish_then_lose_the_ack(self: NodeActor, msg: Any, attempt: Any, kind: str, body: Any) -> None:
+        if kind != "attempt_failed" or lost_ack["done"]:
+            await finish(self, msg, attempt, kind, body)
+            return
+        lost_ack["done"] = True
+        subject, msg_id = self._subject(attempt.run_id, kind), f"{attempt.run_id}.x.1.{kind}"
+        await self.system.emit(subject, body, msg_id=msg_id, headers=attempt.trace)
+        # Stored; the message comes back only once its consumer resumes (after the retry).
+        await self.system.bus.js.pause_consumer(
+            self.system.names.events_stream, self.spec.durable, "2099-01-01T00:00:00Z"
+        )
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(NodeActor, "_finish", finish_then_lose_the_ack)
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("unacked", {})
+    with pytest.raises(RunFailed, match="bug in x"):
+        await handle.result()
+    assert await handle.retry() == ["x"]
+    await env.client.bus.js.resume_consumer(env.names.events_stream, env.names.node_consumer("unacked", "x"))
+    async with asyncio.timeout(15):
+        assert await handle.result() == 7
+    assert calls == {"x": [1, 2]}
+
+
+async def test_an_attempt_lost_while_the_run_was_failed_runs_again_after_the_retry(env_factory: Any) -> None:
+    """x's worker dies while x runs; another node fails the run; x's message comes back to a new
+    worker while the run is failed. It starts nothing then, but records the attempt as lost, so
+    that the retry issues x again (the journal had it running for good)."""
+    wf = Workflow("lostwhilefailed")
+    calls, count = _counter()
+    hang, broken = asyncio.Event(), {"yes": True}
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> int:
+        count(ctx)
+        if ctx.attempt == 1:
+            await hang.wait()  # its worker dies meanwhile (below)
+        return 1
+
+    @wf.node()
+    async def z(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.3)  # x has announced its start by then
+        if broken["yes"]:
+            raise ValueError("bug in z")
+        return 2
+
+    @wf.node(depends_on=[x, z])
+    async def w(ctx: NodeContext) -> int:
+        return ctx.output("x") + ctx.output("z")
+
+    env: LocalEnvironment = await env_factory([wf], ack_wait=1.0, shutdown_grace=0.2)
+    handle = await env.client.start("lostwhilefailed", {})
+    with pytest.raises(RunFailed, match="bug in z"):
+        await handle.result()
+    [dying] = env.workers
+    assert dying._bus is not None
+    await dying._bus.nc.close()  # no acknowledgement, no heartbeat: x's message comes back
+    env.workers.clear()
+    await env.add_worker()
+
+    async def lost_recorded() -> bool:
+        journal = await env.client.journal(handle.run_id, "lostwhilefailed")
+        return ("x", "lost") in [(e["node"], e["kind"]) for e in journal]
+
+    try:
+        await eventually(lost_recorded, within=15)
+        broken["yes"] = False
+        assert await handle.retry() == ["x", "z"]
+        async with asyncio.timeout(15):
+            assert await handle.result() == 3
+        assert calls == {"x": [1, 2], "z": [1, 2]}
+    finally:
+        hang.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(dying.stop(), 5)
+
+
+async def test_the_retry_waits_for_running_attempts_even_with_the_clients_clock_ahead(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """y runs (not yet announced) when z fails the run; a client whose clock is 3 s ahead must still
+    wait for y to announce itself, or it would issue y again beside the running one."""
+    wf = Workflow("skewed")
+    calls, count = _counter()
+    broken = {"yes": True}
+
+    @wf.node()
+    async def y(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(1.5)
+        return 1
+
+    @wf.node()
+    async def z(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["yes"]:
+            raise ValueError("bug in z")
+        return 2
+
+    ahead = types.SimpleNamespace(time=lambda: time.time() + 3.0)
+    monkeypatch.setattr(_resume, "time", ahead)
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("skewed", {})
+    with pytest.raises(RunFailed, match="bug in z"):
+        await handle.result()
+    broken["yes"] = False
+    assert await handle.retry() == ["z"]
+    async with asyncio.timeout(15):
+        assert await handle.result() == {"y": 1, "z": 2}
+    assert calls == {"y": [1], "z": [1, 2]}
+
+
+async def test_a_failure_reported_before_the_retry_does_not_fail_the_retried_run(env_factory: Any) -> None:
+    """y's first attempt fails too, but the supervisor takes its report only after the retry, which
+    issued y a new attempt: that old report must not fail the run again."""
+    wf = Workflow("stalereport")
+    calls, count = _counter()
+    broken, go = {"yes": True}, asyncio.Event()
+
+    @wf.node()
+    async def y(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["yes"]:
+            await go.wait()
+            raise ValueError("bug in y")
+        return 1
+
+    @wf.node()
+    async def z(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["yes"]:
+            raise ValueError("bug in z")
+        return 2
+
+    env: LocalEnvironment = await env_factory([wf])
+    js, stream, supervisor = (
+        env.client.bus.js,
+        env.names.events_stream,
+        env.names.supervisor_consumer("stalereport"),
+    )
+    handle = await env.client.start("stalereport", {})
+    with pytest.raises(RunFailed, match="bug in z"):
+        await handle.result()
+    await js.pause_consumer(stream, supervisor, "2099-01-01T00:00:00Z")
+    go.set()
+
+    async def y_failed() -> bool:
+        journal = await env.client.journal(handle.run_id, "stalereport")
+        return ("y", "attempt_failed") in [(e["node"], e["kind"]) for e in journal]
+
+    await eventually(y_failed, within=10)
+    broken["yes"] = False
+    assert await handle.retry() == ["y", "z"]
+    await js.resume_consumer(stream, supervisor)
+    async with asyncio.timeout(15):
+        assert await handle.result() == {"y": 1, "z": 2}
+    assert calls == {"y": [1, 2], "z": [1, 2]}
+
+
+async def test_a_sink_that_completed_while_the_run_was_failed_counts_after_the_retry(
+    env_factory: Any,
+) -> None:
+    wf = Workflow("latesink")
+    broken = {"yes": True}
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> int:
+        await asyncio.sleep(0.5)  # completes after z failed the run
+        return 1
+
+    @wf.node()
+    async def z(ctx: NodeContext) -> int:
+        if broken["yes"]:
+            raise ValueError("bug in z")
+        return 2
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("latesink", {})
+    with pytest.raises(RunFailed, match="bug in z"):
+        await handle.result()
+
+    async def x_counted() -> bool:  # the failed run's record keeps x's result
+        record = await env.client.store.get(env.names.run_key(handle.run_id))
+        return record is not None and record.value["results"] == {"x": 1}
+
+    await eventually(x_counted, within=10)
+    broken["yes"] = False
+    assert await handle.retry() == ["z"]
+    async with asyncio.timeout(15):  # it used to wait for ever: x's result was never counted
+        assert await handle.result() == {"x": 1, "z": 2}

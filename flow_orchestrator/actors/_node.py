@@ -132,7 +132,7 @@ class NodeActor(Actor):
         closed = closing is not None
         # A failed run may be retried: its joins' arrivals are still recorded (a cancelled one may not).
         joins = kind != "retry" and source != RUN_TOKEN and len(self._needed) > 1 and closing != "cancelled"
-        if closed and not joins:
+        if closed and not joins and not redelivered:
             await msg.ack()  # a closed run starts nothing; `flowctl retry` reissues what was ready
             return None
         payload = decode_event(msg.data, msg.subject)
@@ -152,7 +152,7 @@ class NodeActor(Actor):
             # A closed run's arrival is still recorded, and nothing starts: if the run is retried, the
             # join counts this upstream (its completion is not delivered again), and a join decided
             # meanwhile is one the retry finds ready and reissues.
-            if joined is None or closed:
+            if joined is None or (closed and not redelivered):
                 await msg.ack()
                 return None
             attempt = joined
@@ -162,15 +162,35 @@ class NodeActor(Actor):
         claim = int(payload.get("resume") or 0) if kind == "retry" else 0
         if not claim and epoch and epoch_of(msg.headers) < epoch:
             claim = epoch
+        if closing is None and not redelivered and not claim:
+            return attempt  # the usual case: a first delivery in a run never retried
+        if await self._admitted(msg, attempt, closing=closing, redelivered=redelivered, claim=claim):
+            return attempt
+        await msg.ack()
+        return None
+
+    async def _admitted(
+        self, msg: Msg, attempt: Attempt, *, closing: str | None, redelivered: int, claim: int
+    ) -> bool:
+        """Whether ``attempt`` starts now. A redelivery starts one only if the journal has no outcome
+        of it (the attempt was lost with its worker); after a retry, only the claim's winner starts,
+        among the messages that would."""
+        if closing is not None:
+            # A redelivery in a closed run: say that its attempt was lost, so that a retry of the run
+            # issues the node again; start nothing now.
+            if closing == "failed" and await self._unfinished(attempt):
+                await self._report_lost(attempt, redelivered)
+            return False
+        if redelivered and not await self._unfinished(attempt):
+            return False
         if claim:
-            if not await self.system.claim(run_id, self.node.name, claim, int(meta.sequence.stream)):
-                await msg.ack()
-                return None
+            seq = int(msg.metadata.sequence.stream)
+            if not await self.system.claim(attempt.run_id, self.node.name, claim, seq):
+                return False
             attempt.trace[EPOCH_HEADER] = str(claim)  # what follows from this attempt is of this epoch
-        if redelivered and not await self._resume(attempt, redelivered):
-            await msg.ack()
-            return None
-        return attempt
+        if redelivered:
+            await self._report_lost(attempt, redelivered)
+        return True
 
     async def _join(
         self, run_id: str, source: str, payload: dict[str, Any], seq: int, output: Any
@@ -197,8 +217,9 @@ class NodeActor(Actor):
             outputs[up] = event.get("output") if event is not None else None
         return {up: outputs.get(up) for up in self.node.upstreams}
 
-    async def _resume(self, attempt: Attempt, redelivered: int) -> bool:
-        """A redelivered message: consult the journal. Returns whether to run an attempt now."""
+    async def _unfinished(self, attempt: Attempt) -> bool:
+        """A redelivered message: whether the journal lacks its attempt's outcome (then the attempt
+        was lost with the worker that held the message, and must run again)."""
         js, stream = self.system.bus.js, self.system.names.events_stream
         completed, failed = await asyncio.gather(
             last_event(js, stream, self._subject(attempt.run_id, "completed")),
@@ -206,8 +227,11 @@ class NodeActor(Actor):
         )
         if completed is not None:
             return False
-        if failed is not None and int(failed.get("attempt", 0)) >= attempt.attempt:
-            return False  # this message's attempt already failed and was reported; the supervisor has it
+        # This message's attempt already failed and was reported: the supervisor has it.
+        return failed is None or int(failed.get("attempt", 0)) < attempt.attempt
+
+    async def _report_lost(self, attempt: Attempt, redelivered: int) -> None:
+        """Record the lost attempt; ``attempt`` becomes the next one."""
         lost = attempt.attempt + redelivered - 1
         await self.system.emit(
             self._subject(attempt.run_id, "lost"),
@@ -216,7 +240,6 @@ class NodeActor(Actor):
             msg_id=f"{attempt.run_id}.{self.node.name}.{lost}.lost",
         )
         attempt.attempt += redelivered
-        return True
 
     # --- running --------------------------------------------------------------------------------
     async def _run_attempt(self, msg: Msg, attempt: Attempt) -> None:

@@ -15,20 +15,33 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from flow_orchestrator._errors import UnencodableValue
+from flow_orchestrator._errors import FlowError, UnencodableValue
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._faults import crash_point
 from flow_orchestrator.actors._system import ActorSystem, epoch_of_record
 from flow_orchestrator.bus._codec import decode_event
-from flow_orchestrator.bus._propagation import carried_headers, trace_headers
+from flow_orchestrator.bus._propagation import carried_headers, epoch_of, trace_headers
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.runtime._status import RunStatus
 from flow_orchestrator.runtime._workflow import WorkflowDefinition
 
 SCHEDULE = "Nats-Schedule"
 SCHEDULE_TARGET = "Nats-Schedule-Target"
-_RUNNING = RunStatus.RUNNING.value
+_RUNNING, _FAILED = RunStatus.RUNNING.value, RunStatus.FAILED.value
+
+
+def _superseded(record: dict[str, Any], node: str, attempt: int) -> bool:
+    """Whether the run's last retry issued ``node`` an attempt after ``attempt``."""
+    resumed = record.get("resumed") or [{}]
+    issued = resumed[-1].get("attempts")
+    if issued is None:  # the retry is choosing its nodes right now: look again in a moment
+        raise RetryNotSettled(f"the run's retry has not named its attempts yet (node {node!r})")
+    return bool(node in issued and attempt < int(issued[node]))
+
+
+class RetryNotSettled(FlowError):
+    """A failure report met a retry halfway through: it is handed back, to be delivered again."""
 
 
 def schedule_time(delay: float, now: float | None = None) -> str:
@@ -92,7 +105,7 @@ class SupervisorActor(Actor):
             if node in self.sinks:
                 await self._sink_resolved(run_id, node, None, trace)
             return
-        await self._fail_run(run_id, node, error, trace)
+        await self._fail_run(run_id, node, error, trace, attempt=attempt)
 
     async def _schedule_retry(
         self,
@@ -125,12 +138,17 @@ class SupervisorActor(Actor):
         )
         crash_point("supervisor.after_schedule", node)
 
-    async def _fail_run(self, run_id: str, node: str, error: dict[str, Any], trace: dict[str, str]) -> None:
+    async def _fail_run(
+        self, run_id: str, node: str, error: dict[str, Any], trace: dict[str, str], *, attempt: int = 0
+    ) -> None:
         info = {"node": node, "type": error.get("type"), "message": error.get("message")}
+        lineage = epoch_of(trace)
 
         def fail(current: dict[str, Any] | None) -> dict[str, Any] | None:
             if current is None or current.get("status") != _RUNNING:
                 return None
+            if lineage < epoch_of_record(current) and attempt and _superseded(current, node, attempt):
+                return None  # an attempt from before the run's retry, which issued a later one
             return {**current, "status": RunStatus.FAILED.value, "error": info, "finished_at": time.time()}
 
         written, _ = await self.system.store.mutate(Names.run_key(run_id), fail)
@@ -138,14 +156,15 @@ class SupervisorActor(Actor):
 
     async def _sink_resolved(self, run_id: str, sink: str, output: Any, trace: dict[str, str]) -> None:
         def resolve(current: dict[str, Any] | None) -> dict[str, Any] | None:
-            if current is None or current.get("status") != _RUNNING:
+            # A failed run keeps its sinks' results too: if it is retried, they still count.
+            if current is None or current.get("status") not in (_RUNNING, _FAILED):
                 return None
             results = dict(current.get("results") or {})
             if sink in results:
                 return None
             results[sink] = output
             new = {**current, "results": results}
-            if self.sinks.issubset(results):
+            if current["status"] == _RUNNING and self.sinks.issubset(results):
                 new.update(status=RunStatus.COMPLETED.value, finished_at=time.time())
             return new
 
@@ -155,7 +174,7 @@ class SupervisorActor(Actor):
             error = {"type": "UnencodableValue", "message": f"the run's results cannot be stored: {exc}"}
             await self._fail_run(run_id, sink, error, trace)
             return
-        if written is None or written["status"] != _RUNNING:
+        if written is None or written["status"] == RunStatus.COMPLETED.value:
             await self._announce_end(run_id, written, trace)
 
     async def _cancel(self, run_id: str, payload: dict[str, Any], trace: dict[str, str]) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 from flow_orchestrator._errors import FlowError, StateConflict
 from flow_orchestrator.actors._system import epoch_of_record
 from flow_orchestrator.bus._codec import encode
-from flow_orchestrator.bus._kv import StateStore
+from flow_orchestrator.bus._kv import StateStore, Versioned
 from flow_orchestrator.bus._propagation import EPOCH_HEADER
 from flow_orchestrator.bus._subjects import Names
 from flow_orchestrator.runtime._journal import NodeView, fold_events
@@ -44,6 +44,18 @@ from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus
 # Seconds a run must have been failed before it is retried: more than the 0.1 s after which workers
 # announce an attempt, so an attempt that was running is seen as running and not issued again.
 SETTLE = 1.0
+CLOCK_SKEW = 5.0  # seconds the client's and the workers' clocks may disagree by
+
+
+def _check_failed(run_id: str, current: Versioned | None) -> dict[str, Any]:
+    if current is None or current.value.get("status") != RunStatus.FAILED.value:
+        status = current.value.get("status") if current else "missing"
+        raise RunNotRetryable(f"run {run_id!r} is {status}; only a failed run can be retried")
+    return dict(current.value)
+
+
+async def _failed_record(store: StateStore, run_id: str) -> dict[str, Any]:
+    return _check_failed(run_id, await store.get(Names.run_key(run_id)))
 
 
 class RunNotRetryable(FlowError, ValueError):
@@ -65,6 +77,8 @@ def nodes_to_resume(shape: GraphShape, views: dict[str, NodeView]) -> list[str]:
             return False
         if view.status is NodeStatus.RETRYING:
             return True
+        if view.status is NodeStatus.RUNNING:  # its last attempt was lost with its worker
+            return view.attempts in view.lost
         return view.status is NodeStatus.FAILED and name not in shape.continue_on_error
 
     def ready_but_never_started(name: str, view: NodeView | None) -> bool:
@@ -87,14 +101,14 @@ async def resume_failed_run(
     """Reopen the run record and publish a new attempt for each node to resume; return their names.
     See the module docstring for the order of the steps and why."""
     key = Names.run_key(run_id)
-    current = await store.get(key)
-    if current is None or current.value.get("status") != RunStatus.FAILED.value:
-        status = current.value.get("status") if current else "missing"
-        raise RunNotRetryable(f"run {run_id!r} is {status}; only a failed run can be retried")
-    record = current.value
+    record = await _failed_record(store, run_id)
     failed_at = record.get("finished_at")
-    if isinstance(failed_at, int | float):
-        await asyncio.sleep(min(settle, max(0.0, failed_at + settle - time.time())))
+    # The failure time is a worker's clock, now is ours: a recent failure (allowing for some skew
+    # between the two) waits the whole ``settle``.
+    if isinstance(failed_at, int | float) and time.time() - failed_at < settle + CLOCK_SKEW:
+        await asyncio.sleep(settle)
+    current = await store.get(key)  # again: the record may have changed meanwhile (a sink's result)
+    record = _check_failed(run_id, current)
     epoch = epoch_of_record(record) + 1
     reopened = {
         **record,
@@ -106,6 +120,7 @@ async def resume_failed_run(
             {"at": time.time(), "after": record.get("error"), "epoch": epoch},
         ],
     }
+    assert current is not None  # _check_failed saw it
     try:
         await store.update(key, reopened, current.revision)
     except StateConflict as exc:
@@ -114,14 +129,25 @@ async def resume_failed_run(
     views = fold_events(await read_journal())
     outputs = {name: view.output for name, view in views.items() if view.status is NodeStatus.COMPLETED}
     chosen = nodes_to_resume(shape, views)
+    attempts = {node: (views[node].attempts if node in views else 0) + 1 for node in chosen}
+
+    def note_attempts(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The retry's entry names the attempts it issues: a failure reported by an older attempt
+        of one of them (the supervisor may see it late) must not fail the run again."""
+        resumed = list((current or {}).get("resumed") or [])
+        if not resumed or resumed[-1].get("epoch") != epoch:
+            return None
+        resumed[-1] = {**resumed[-1], "attempts": attempts}
+        return {**(current or {}), "resumed": resumed}
+
+    await store.mutate(key, note_attempts)
     trace = {**dict(record.get("trace") or {}), EPOCH_HEADER: str(epoch)}
     await js.publish(
         names.run_event(workflow, run_id, "resumed"),
         encode({"nodes": chosen, "epoch": epoch}),
         headers={**trace, "Nats-Msg-Id": f"{run_id}.run.resumed.{epoch}"},
     )
-    for node in chosen:
-        attempt = (views[node].attempts if node in views else 0) + 1
+    for node, attempt in attempts.items():
         body = {
             "attempt": attempt,
             "input": record.get("input"),
