@@ -123,29 +123,15 @@ async def read_messages(js: JetStreamContext, stream: str, subject: str) -> list
 
 
 async def read_events(
-    js: JetStreamContext, stream: str, subject: str, *, nc: NatsClient | None = None
+    nc: NatsClient, js: JetStreamContext, stream: str, subject: str
 ) -> list[dict[str, Any]]:
     """Every event on ``subject`` (wildcards allowed), oldest first, as ``{node, kind, at, data,
-    headers}``. With ``nc``, read by direct gets (no consumer: what an observer may do; on a cluster a
-    replica may answer and lag a moment behind); without, through an ordered consumer on the
-    stream's leader."""
-    if nc is not None:
-        stored = await read_stored(nc, js, stream, subject)
-        found = [(m.subject, m.at, m.data, m.headers) for m in stored]
-    else:
-        found = [
-            (
-                m.subject,
-                m.metadata.timestamp.timestamp() if m.metadata.timestamp else None,
-                m.data,
-                dict(m.headers or {}),
-            )
-            for m in await read_messages(js, stream, subject)
-        ]
+    headers}``, read without a consumer (what an observer may do; see ``bus/_reader.py``)."""
     events: list[dict[str, Any]] = []
-    for message_subject, at, data, headers in found:
-        _, _, node, kind = parse_event_subject(message_subject)
+    for message in await read_stored(nc, js, stream, subject):
+        _, _, node, kind = parse_event_subject(message.subject)
+        data = decode(message.data) if message.data else {}
         events.append(
-            {"node": node, "kind": kind, "at": at, "data": decode(data) if data else {}, "headers": headers}
+            {"node": node, "kind": kind, "at": message.at, "data": data, "headers": message.headers}
         )
     return events

@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+import nats.js.errors as js_errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -125,15 +126,46 @@ async def read_batch(
 
 
 async def read_stored(nc: NatsClient, js: Any, stream: str, subject: str) -> list[Stored]:
-    """Every message on ``subject`` (wildcards allowed) in ``stream``, oldest first."""
+    """Every message on ``subject`` (wildcards allowed) in ``stream``, oldest first.
+
+    On a cluster any replica may answer a direct get, and one may lag a moment behind. So the read
+    ends by asking the stream's leader for its last message on ``subject``: what the replica did not
+    have yet is read from the leader, one by one. Everything stored before that question is returned.
+    """
     api, start = direct_api(js, stream), 1
     messages: list[Stored] = []
     while True:
         found, pending = await read_batch(nc, api, subject, start)
         messages.extend(found)
         if not found or not pending:
-            return messages
+            break
         start = found[-1].seq + 1
+    last = await _leader_get(js, stream, subject)
+    while last is not None and (messages[-1].seq if messages else 0) < last.seq:
+        following = await _leader_get(js, stream, subject, after=messages[-1].seq if messages else 0)
+        if following is None:
+            break
+        messages.append(following)
+    return messages
+
+
+async def _leader_get(js: Any, stream: str, subject: str, *, after: int | None = None) -> Stored | None:
+    """From the stream's leader: the last message on ``subject``, or the first one after ``after``."""
+    try:
+        if after is None:
+            raw = await js.get_msg(stream, subject=subject)
+        else:
+            raw = await js.get_msg(stream, seq=after + 1, subject=subject, next=True)
+    except js_errors.NotFoundError:
+        return None
+    headers = dict(raw.headers or {})
+    return Stored(
+        subject=raw.subject or subject,
+        seq=int(raw.seq or 0),
+        at=raw.time.timestamp() if raw.time else None,
+        headers=headers,
+        data=raw.data or b"",
+    )
 
 
 async def follow_stored(

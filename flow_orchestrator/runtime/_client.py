@@ -312,7 +312,7 @@ class RunHandle:
                 client.names,
                 self.run_id,
                 shape=shape_from_description(description),
-                read_journal=lambda: client.journal(self.run_id, self.workflow, from_leader=True),
+                read_journal=lambda: client.journal(self.run_id, self.workflow),
             )
 
     async def cancel(self, reason: str | None = None) -> None:
@@ -557,13 +557,11 @@ class Client:
         with self._denied_if_refused("replay dead letters"):
             return await replay_dead_letter(self.bus.js, self.names, letter_id)
 
-    async def journal(self, run_id: str, workflow: str, *, from_leader: bool = False) -> list[dict[str, Any]]:
+    async def journal(self, run_id: str, workflow: str) -> list[dict[str, Any]]:
         """Every event of a run, oldest first: ``{node, kind, at, data, headers}``. It is read without
-        a consumer (what an observer may do); on a cluster a replica may answer, a moment behind the
-        stream's leader. ``from_leader`` reads through a consumer on the leader instead."""
+        a consumer (what an observer may do), and checked against the stream's leader."""
         subject = self.names.events_of_run(workflow, run_id)
-        nc = None if from_leader else self.bus.nc
-        return await read_events(self.bus.js, self.names.events_stream, subject, nc=nc)
+        return await read_events(self.bus.nc, self.bus.js, self.names.events_stream, subject)
 
 
 def snapshot_of(
