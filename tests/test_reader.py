@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
+import nats.errors
 import pytest
 from nats.js.api import StreamConfig
 
-from flow_orchestrator.bus import _reader
+from flow_orchestrator.bus import EmbeddedServer, _reader
 from flow_orchestrator.bus._reader import follow_stored, read_stored
 
 
@@ -85,3 +86,41 @@ async def test_following_yields_what_is_stored_after_it_started_and_only_that(
         nothing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await nothing
+
+
+async def test_following_outlives_a_server_outage_longer_than_a_read_waits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A read that gets no answer (the server is down) is tried again, not raised: `flowctl watch`
+    used to die with a traceback after an outage longer than a read's wait."""
+    server = EmbeddedServer(store_dir=tmp_path / "store")
+    await asyncio.to_thread(server.start)
+    batch = _reader.read_batch
+
+    async def impatient(*args: Any, **kwargs: Any) -> tuple[list[Any], int]:
+        return await batch(*args, **{**kwargs, "wait": 0.3})
+
+    monkeypatch.setattr(_reader, "read_batch", impatient)
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="OUT", subjects=["out.>"], allow_direct=True))
+        await js.publish("out.a", b"0")
+        follower = follow_stored(nc, js, "OUT", "out.>", from_start=True)
+        async with contextlib.aclosing(follower):
+            async with asyncio.timeout(30):
+                assert (await anext(follower)).data == b"0"
+            second = asyncio.ensure_future(anext(follower))
+            await asyncio.to_thread(server.stop)
+            await asyncio.sleep(1.5)  # several reads time out meanwhile
+            await asyncio.to_thread(server.start)
+            async with asyncio.timeout(30):
+                while True:
+                    with contextlib.suppress(nats.errors.Error):
+                        await js.publish("out.a", b"1", timeout=1)
+                        break
+                    await asyncio.sleep(0.2)
+                assert (await second).data == b"1"
+    finally:
+        await nc.close()
+        await asyncio.to_thread(server.stop)

@@ -19,14 +19,19 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 import nats.js.errors as js_errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from flow_orchestrator._errors import FlowError
+
+log = logging.getLogger("flow_orchestrator.bus")
 BATCH = 256  # messages per direct get
 POLL = 1.0  # seconds between looks when no wake-up comes
 _RECHECKS = (0.002, 0.01, 0.05)  # after a wake-up found nothing stored yet
@@ -43,7 +48,7 @@ _META = frozenset(
 )
 
 
-class ReadFailed(Exception):
+class ReadFailed(FlowError):
     """The server answered a direct get with an error, or did not answer in time."""
 
 
@@ -184,7 +189,13 @@ async def follow_stored(
         start = 1 if from_start else (await js.stream_info(stream)).state.last_seq + 1
         while True:
             woken.clear()
-            found, pending = await read_batch(nc, api, subject, start)
+            try:
+                found, pending = await read_batch(nc, api, subject, start)
+            except (ReadFailed, nats.errors.Error) as exc:
+                # The connection is down, or the stream has no leader yet: keep looking.
+                log.debug("following %s: %s; looking again in %.0f s", subject, exc, POLL)
+                await asyncio.sleep(POLL)
+                continue
             for stored in found:
                 yield stored
             if found:
@@ -206,7 +217,10 @@ async def _stored_soon(nc: NatsClient, api: str, subject: str, start: int, woken
         return False
     for delay in _RECHECKS:
         await asyncio.sleep(delay)
-        found, _ = await read_batch(nc, api, subject, start, batch=1)
+        try:
+            found, _ = await read_batch(nc, api, subject, start, batch=1)
+        except (ReadFailed, nats.errors.Error):
+            return False  # the next look says more
         if found:
             return True
     return False
