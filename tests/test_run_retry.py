@@ -15,6 +15,7 @@ import pytest
 
 from flow_orchestrator import NodeContext, NonRetryableError, RetryPolicy, RunFailed, Workflow
 from flow_orchestrator.actors._node import NodeActor
+from flow_orchestrator.actors._supervisor import SupervisorActor
 from flow_orchestrator.runtime import _resume
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
@@ -431,3 +432,170 @@ async def test_a_sink_that_completed_while_the_run_was_failed_counts_after_the_r
     assert await handle.retry() == ["z"]
     async with asyncio.timeout(15):  # it used to wait for ever: x's result was never counted
         assert await handle.result() == {"x": 1, "z": 2}
+
+
+async def test_a_worker_that_missed_the_retry_learns_of_it_when_it_reconnects(env_factory: Any) -> None:
+    """The retry's `_run.resumed` is a core message: a worker disconnected at that moment misses it
+    (simulated: its gate forgets the run, and drops the message). Reconnecting, it reads the past
+    retries again, so a message from before the retry still claims what it starts."""
+    wf = Workflow("partitioned")
+    calls, count = _counter()
+    broken, release = {"yes": True}, asyncio.Event()
+
+    @wf.node()
+    async def fragile(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["yes"]:
+            raise RuntimeError("bug in fragile")
+        return 2
+
+    @wf.node()
+    async def side(ctx: NodeContext) -> int:
+        await release.wait()
+        return 10
+
+    @wf.node(depends_on=[side])
+    async def after(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.2)
+        return ctx.output("side") + 1
+
+    env: LocalEnvironment = await env_factory([wf])
+    [worker] = env.workers
+    assert worker.system is not None
+    assert worker._bus is not None
+    system, bus = worker.system, worker._bus
+    js, stream = env.client.bus.js, env.names.events_stream
+    handle = await env.client.start("partitioned", {})
+    with pytest.raises(RunFailed, match="bug in fragile"):
+        await handle.result()
+    await js.pause_consumer(stream, env.names.node_consumer("partitioned", "after"), "2099-01-01T00:00:00Z")
+    await js.pause_consumer(stream, env.names.node_consumer("partitioned", "fragile"), "2099-01-01T00:00:00Z")
+    release.set()
+    await asyncio.sleep(0.5)  # side completes; its completion waits for `after`
+    system.gate = type(system.gate)()  # the worker knows nothing of the run ...
+    resumed_sub = system._gate_subs.pop()
+    await resumed_sub.unsubscribe()  # ... and misses the retry's announcement
+    broken["yes"] = False
+    assert await handle.retry() == ["fragile", "after"]
+    assert system.gate.epoch(handle.run_id) == 0
+    for listener in list(bus.reconnected):  # as nats-py does once the connection is back
+        listener()
+    await eventually(lambda: system.gate.epoch(handle.run_id) == 1, within=10)
+    await js.resume_consumer(stream, env.names.node_consumer("partitioned", "after"))
+    await asyncio.sleep(1.0)  # both of `after`'s messages are handled by now
+    await js.resume_consumer(stream, env.names.node_consumer("partitioned", "fragile"))
+    async with asyncio.timeout(15):
+        assert await handle.result() == {"fragile": 2, "after": 11}
+    assert calls == {"fragile": [1, 2], "after": [1]}
+
+
+async def test_a_lost_attempt_reported_after_the_retry_read_the_journal_still_runs(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The redelivery finds the run failed; the retry reopens it and reads the journal before the
+    redelivery's `lost` event is stored, so it does not issue x: the redelivery must start x then."""
+    wf = Workflow("lostrace")
+    calls, count = _counter()
+    hang, broken = asyncio.Event(), {"yes": True}
+    checking, go = asyncio.Event(), asyncio.Event()
+    unfinished = NodeActor._unfinished
+
+    async def slow_unfinished(self: NodeActor, attempt: Any) -> bool:
+        checking.set()
+        await go.wait()  # a slow journal read on the worker, while the retry runs
+        return await unfinished(self, attempt)
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> int:
+        count(ctx)
+        if ctx.attempt == 1:
+            await hang.wait()  # its worker dies meanwhile
+        return 1
+
+    @wf.node()
+    async def z(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.3)
+        if broken["yes"]:
+            raise ValueError("bug in z")
+        return 2
+
+    @wf.node(depends_on=[x, z])
+    async def w(ctx: NodeContext) -> int:
+        return ctx.output("x") + ctx.output("z")
+
+    env: LocalEnvironment = await env_factory([wf], ack_wait=1.0, shutdown_grace=0.2)
+    handle = await env.client.start("lostrace", {})
+    with pytest.raises(RunFailed, match="bug in z"):
+        await handle.result()
+    [dying] = env.workers
+    assert dying._bus is not None
+    await dying._bus.nc.close()
+    env.workers.clear()
+    monkeypatch.setattr(NodeActor, "_unfinished", slow_unfinished)
+    await env.add_worker()
+    try:
+        await asyncio.wait_for(checking.wait(), 15)  # x's redelivery found the run failed
+        broken["yes"] = False
+        assert await handle.retry() == ["z"]  # x shows running: nothing says it was lost yet
+        go.set()
+        async with asyncio.timeout(15):  # it used to wait for ever: x was never started again
+            assert await handle.result() == 3
+        assert calls == {"x": [1, 2], "z": [1, 2]}
+    finally:
+        hang.set()
+        go.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(dying.stop(), 5)
+
+
+async def test_a_failure_reported_late_after_two_retries_does_not_fail_the_run(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n's first attempt fails; the supervisor takes that report only after two retries, of which
+    the first issued n again (and n completed): the report is stale, whichever retry superseded it."""
+    wf = Workflow("tworetries")
+    calls, count = _counter()
+    broken = {"z": True}
+    n_go, held, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    attempt_failed = SupervisorActor._attempt_failed
+
+    async def late(self: SupervisorActor, run_id: str, node: str, payload: Any, trace: Any) -> None:
+        if node == "n" and int(payload["attempt"]) == 1:
+            held.set()
+            await release.wait()
+        await attempt_failed(self, run_id, node, payload, trace)
+
+    monkeypatch.setattr(SupervisorActor, "_attempt_failed", late)
+
+    @wf.node()
+    async def n(ctx: NodeContext) -> int:
+        count(ctx)
+        if ctx.attempt == 1:
+            await n_go.wait()
+            raise NonRetryableError("n attempt 1 broke")
+        return 1
+
+    @wf.node()
+    async def z(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["z"]:
+            raise NonRetryableError(f"bug in z {ctx.attempt}")
+        return 2
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("tworetries", {})
+    with pytest.raises(RunFailed, match="bug in z 1"):
+        await handle.result()
+    n_go.set()
+    await asyncio.wait_for(held.wait(), 10)
+    assert await handle.retry() == ["n", "z"]
+    with pytest.raises(RunFailed, match="bug in z 2"):
+        await handle.result()
+    broken["z"] = False
+    assert await handle.retry() == ["z"]
+    release.set()
+    async with asyncio.timeout(15):
+        assert await handle.result() == {"n": 1, "z": 2}
+    assert calls == {"n": [1, 2], "z": [1, 2, 3]}

@@ -132,7 +132,7 @@ class NodeActor(Actor):
         closed = closing is not None
         # A failed run may be retried: its joins' arrivals are still recorded (a cancelled one may not).
         joins = kind != "retry" and source != RUN_TOKEN and len(self._needed) > 1 and closing != "cancelled"
-        if closed and not joins and not redelivered:
+        if closed and not joins and (not redelivered or closing == "cancelled"):
             await msg.ack()  # a closed run starts nothing; `flowctl retry` reissues what was ready
             return None
         payload = decode_event(msg.data, msg.subject)
@@ -178,18 +178,28 @@ class NodeActor(Actor):
         if closing is not None:
             # A redelivery in a closed run: say that its attempt was lost, so that a retry of the run
             # issues the node again; start nothing now.
-            if closing == "failed" and await self._unfinished(attempt):
-                await self._report_lost(attempt, redelivered)
-            return False
+            if closing != "failed" or not await self._unfinished(attempt):
+                return False
+            await self._report_lost(attempt, redelivered)
+            # A retry that read the journal before the lost event did not issue the node: if the run
+            # runs again by now, this message competes for the node like any from before the retry.
+            closing, epoch = await self.system.run_state(attempt.run_id)
+            return closing is None and await self._claim(msg, attempt, epoch)
         if redelivered and not await self._unfinished(attempt):
             return False
-        if claim:
-            seq = int(msg.metadata.sequence.stream)
-            if not await self.system.claim(attempt.run_id, self.node.name, claim, seq):
-                return False
-            attempt.trace[EPOCH_HEADER] = str(claim)  # what follows from this attempt is of this epoch
+        if claim and not await self._claim(msg, attempt, claim):
+            return False
         if redelivered:
             await self._report_lost(attempt, redelivered)
+        return True
+
+    async def _claim(self, msg: Msg, attempt: Attempt, epoch: int) -> bool:
+        """Whether this message wins the node for the run's ``epoch``-th retry (see ``_resume.py``)."""
+        if not await self.system.claim(
+            attempt.run_id, self.node.name, epoch, int(msg.metadata.sequence.stream)
+        ):
+            return False
+        attempt.trace[EPOCH_HEADER] = str(epoch)  # what follows from this attempt is of this epoch
         return True
 
     async def _join(

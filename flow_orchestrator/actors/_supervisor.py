@@ -29,15 +29,22 @@ from flow_orchestrator.runtime._workflow import WorkflowDefinition
 SCHEDULE = "Nats-Schedule"
 SCHEDULE_TARGET = "Nats-Schedule-Target"
 _RUNNING, _FAILED = RunStatus.RUNNING.value, RunStatus.FAILED.value
+RETRY_CHOOSES_WITHIN = 30.0  # seconds a retry may take between reopening a run and naming its attempts
 
 
-def _superseded(record: dict[str, Any], node: str, attempt: int) -> bool:
-    """Whether the run's last retry issued ``node`` an attempt after ``attempt``."""
-    resumed = record.get("resumed") or [{}]
-    issued = resumed[-1].get("attempts")
-    if issued is None:  # the retry is choosing its nodes right now: look again in a moment
-        raise RetryNotSettled(f"the run's retry has not named its attempts yet (node {node!r})")
-    return bool(node in issued and attempt < int(issued[node]))
+def _superseded(record: dict[str, Any], node: str, attempt: int, lineage: int) -> bool:
+    """Whether a retry after epoch ``lineage`` issued ``node`` an attempt after ``attempt``."""
+    entries = [e for e in record.get("resumed") or [] if int(e.get("epoch") or 0) > lineage]
+    for entry in entries:
+        issued = entry.get("attempts")
+        if issued is None:
+            if entry is entries[-1] and time.time() - float(entry.get("at") or 0) < RETRY_CHOOSES_WITHIN:
+                # That retry is choosing its nodes right now: look again in a moment.
+                raise RetryNotSettled(f"the run's retry has not named its attempts yet (node {node!r})")
+            continue  # a retry that never named them (it stopped halfway): it tells nothing
+        if node in issued and attempt < int(issued[node]):
+            return True
+    return False
 
 
 class RetryNotSettled(FlowError):
@@ -147,7 +154,11 @@ class SupervisorActor(Actor):
         def fail(current: dict[str, Any] | None) -> dict[str, Any] | None:
             if current is None or current.get("status") != _RUNNING:
                 return None
-            if lineage < epoch_of_record(current) and attempt and _superseded(current, node, attempt):
+            if (
+                lineage < epoch_of_record(current)
+                and attempt
+                and _superseded(current, node, attempt, lineage)
+            ):
                 return None  # an attempt from before the run's retry, which issued a later one
             return {**current, "status": RunStatus.FAILED.value, "error": info, "finished_at": time.time()}
 

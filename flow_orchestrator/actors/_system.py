@@ -23,10 +23,11 @@ from flow_orchestrator.bus._codec import decode, decode_event, encode
 from flow_orchestrator.bus._connection import Bus
 from flow_orchestrator.bus._dlq import Letter, dead_letter, rejected_subject
 from flow_orchestrator.bus._interceptors import InterceptorChain
-from flow_orchestrator.bus._journal import is_subject_conflict, read_messages
+from flow_orchestrator.bus._journal import is_subject_conflict
 from flow_orchestrator.bus._kv import KeyTaken, StateStore
 from flow_orchestrator.bus._propagation import trace_headers
 from flow_orchestrator.bus._pull import Capacity
+from flow_orchestrator.bus._reader import read_stored
 from flow_orchestrator.bus._subjects import DLQ_TOKEN, RUN_TOKEN, Names, is_valid_run_id, parse_event_subject
 from flow_orchestrator.bus.types import PublishInput
 
@@ -78,6 +79,11 @@ class RunGate:
     def reopen(self, run_id: str, epoch: int) -> None:
         """The run is running again after its ``epoch``-th retry."""
         self._closed.pop(run_id, None)
+        self.learn(run_id, epoch)
+
+    def learn(self, run_id: str, epoch: int) -> None:
+        """The run was retried ``epoch`` times (read from the past: whether it is closed now is
+        left as the gate knows it)."""
         if epoch > self._epochs.get(run_id, 0):
             remember(self._epochs, run_id, epoch, self._capacity)
 
@@ -129,6 +135,8 @@ class ActorSystem:
         self.announce_starts_after = 0.0  # seconds an attempt runs before its started event goes out
         self.chain: InterceptorChain  # set by the worker once interceptors are known
         self._gate_subs: list[Subscription] = []
+        self._after_reconnecting: Callable[[], None] | None = None
+        self._relearning: set[asyncio.Task[None]] = set()
 
     async def _api_call(self, call: Callable[[], Awaitable[T]], within: float = API_PATIENCE) -> T:
         """A JetStream API request, asked again while the server does not answer in time (busy,
@@ -295,11 +303,33 @@ class ActorSystem:
         run_events = f"{self.names.prefix}.evt.*.*.{RUN_TOKEN}"
         for kind in (*CLOSED, "resumed"):
             self._gate_subs.append(await self.bus.nc.subscribe(f"{run_events}.{kind}", cb=on_run_event))
-        # Runs retried before this worker started (say, right after the fix was deployed): messages
-        # from before their retry may still wait for it, and must claim what they start.
-        stream = self.names.events_stream
-        for msg in await self._api_call(lambda: read_messages(self.bus.js, stream, f"{run_events}.resumed")):
-            await on_run_event(msg)
+        resumed = f"{run_events}.resumed"
+        nc, js, stream = self.bus.nc, self.bus.js, self.names.events_stream
+
+        async def learn_past_retries() -> None:
+            for stored in await read_stored(nc, js, stream, resumed):
+                with contextlib.suppress(ValueError):  # a malformed event says nothing
+                    epoch = decode_event(stored.data, stored.subject, empty_ok=True).get("epoch")
+                    _, run_id, _, _ = parse_event_subject(stored.subject)
+                    self.gate.learn(run_id, epoch if isinstance(epoch, int) else 0)
+
+        # Runs retried before this worker started (say, right after the fix was deployed), or while
+        # its connection was down (core messages published meanwhile never reach it): messages from
+        # before their retry may still wait for it, and must claim what they start.
+        await self._api_call(learn_past_retries)
+
+        def after_reconnecting() -> None:
+            task = asyncio.get_running_loop().create_task(self._api_call(learn_past_retries))
+            self._relearning.add(task)
+            task.add_done_callback(self._relearned)
+
+        self._after_reconnecting = after_reconnecting
+        self.bus.reconnected.add(after_reconnecting)
+
+    def _relearned(self, task: asyncio.Task[None]) -> None:
+        self._relearning.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not read past run retries after reconnecting: %s", task.exception())
 
     async def give_up(self, msg: Msg, consumer: str, deliveries: int) -> None:
         """The last allowed delivery of a message whose every earlier delivery crashed or stalled its
@@ -325,6 +355,11 @@ class ActorSystem:
         )
 
     async def close_gate(self) -> None:
+        if self._after_reconnecting is not None:
+            self.bus.reconnected.discard(self._after_reconnecting)
+            self._after_reconnecting = None
+        for task in self._relearning:
+            task.cancel()
         for sub in self._gate_subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
