@@ -13,10 +13,12 @@ from typing import Any
 import nats.errors
 import pytest
 
-from flow_orchestrator import NodeContext, NonRetryableError, RetryPolicy, RunFailed, Workflow
+from flow_orchestrator import NodeContext, NonRetryableError, RetryPolicy, RunFailed, RunStatus, Workflow
 from flow_orchestrator.actors._node import NodeActor
 from flow_orchestrator.actors._supervisor import SupervisorActor
+from flow_orchestrator.bus._reader import ReadFailed
 from flow_orchestrator.runtime import _resume
+from flow_orchestrator.runtime._resume import RetryInterrupted
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
 
@@ -599,3 +601,87 @@ async def test_a_failure_reported_late_after_two_retries_does_not_fail_the_run(
     async with asyncio.timeout(15):
         assert await handle.result() == {"n": 1, "z": 2}
     assert calls == {"n": [1, 2], "z": [1, 2, 3]}
+
+
+async def test_an_earlier_retrys_message_for_a_node_loses_to_the_latest_retry(env_factory: Any) -> None:
+    """The first retry's message for x waits in x's consumer (a busy pool) while y fails the run
+    again and a second retry issues x again: x runs once, not once per retry."""
+    wf = Workflow("tworeissues")
+    calls, count = _counter()
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> int:
+        count(ctx)
+        if ctx.attempt == 1:
+            raise NonRetryableError("x broken once")
+        await asyncio.sleep(0.3)
+        return 1
+
+    @wf.node()
+    async def y(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.1)
+        if ctx.attempt < 3:
+            raise NonRetryableError(f"y broken {ctx.attempt}")
+        return 2
+
+    env: LocalEnvironment = await env_factory([wf])
+    js, stream = env.client.bus.js, env.names.events_stream
+    consumer = env.names.node_consumer("tworeissues", "x")
+    handle = await env.client.start("tworeissues", {})
+    with pytest.raises(RunFailed):
+        await handle.result()
+    await js.pause_consumer(stream, consumer, "2099-01-01T00:00:00Z")
+    assert set(await handle.retry()) == {"x", "y"}  # x's message waits in its paused consumer
+    with pytest.raises(RunFailed, match="y broken 2"):
+        async with asyncio.timeout(15):
+            await handle.result()
+    assert set(await handle.retry()) == {"x", "y"}
+    await js.resume_consumer(stream, consumer)  # the first retry's message, then the second's
+    async with asyncio.timeout(20):
+        assert await handle.result() == {"x": 1, "y": 2}
+    await asyncio.sleep(0.8)  # a second start of x, if any, has begun by now
+    assert calls["x"] == [1, 2]
+
+
+async def test_a_retry_that_stopped_halfway_is_finished_by_retrying_again(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run is reopened, then reading its journal fails: the run is not left running for good
+    with nothing issued; retrying again finishes that retry."""
+    wf = Workflow("halfway")
+    calls, count = _counter()
+    broken = {"yes": True}
+
+    @wf.node()
+    async def only(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["yes"]:
+            raise ValueError("bug in only")
+        return 1
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("halfway", {})
+    with pytest.raises(RunFailed, match="bug in only"):
+        await handle.result()
+    broken["yes"] = False
+    journal = env.client.journal
+
+    async def unreadable(run_id: str, workflow: str) -> Any:
+        raise ReadFailed("no answer to a direct get within 5 s")
+
+    monkeypatch.setattr(env.client, "journal", unreadable)
+    with pytest.raises(RetryInterrupted, match="retry it again to finish"):
+        await handle.retry()
+    reopened = await env.client.store.get(env.names.run_key(handle.run_id))
+    assert reopened is not None
+    assert reopened.value["status"] == RunStatus.RUNNING.value  # reopened, nothing issued yet
+    monkeypatch.setattr(env.client, "journal", journal)
+    assert await handle.retry() == ["only"]
+    async with asyncio.timeout(15):
+        assert await handle.result() == 1
+    assert calls == {"only": [1, 2]}
+    record = await env.client.store.get(env.names.run_key(handle.run_id))
+    assert record is not None
+    [entry] = record.value["resumed"]
+    assert (entry["epoch"], entry["done"], entry["attempts"]) == (1, True, {"only": 2})

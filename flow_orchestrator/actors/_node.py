@@ -124,10 +124,10 @@ class NodeActor(Actor):
         closing, epoch = gate.closed(run_id), gate.epoch(run_id)
         meta = msg.metadata
         redelivered = meta.num_delivered - 1
-        if closing is not None or ((kind == "retry" or redelivered) and not epoch):
-            # A run this worker saw close may have been retried since; and a retry or a redelivery (both
-            # rare) asks the record even when the gate knows nothing of the run: they are what
-            # `flowctl retry` can race with most.
+        if closing is not None or kind == "retry" or (redelivered and not epoch):
+            # A run this worker saw close may have been retried since; a retry message (rare) always
+            # asks the record, and a redelivery (rare) when the gate knows nothing of the run: they are
+            # what `flowctl retry` can race with most.
             closing, epoch = await self.system.run_state(run_id)
         closed = closing is not None
         # A failed run may be retried: its joins' arrivals are still recorded (a cancelled one may not).
@@ -160,8 +160,8 @@ class NodeActor(Actor):
         # After a retry, a message from before it (an upstream's completion, a scheduled retry, a
         # redelivery) and the retry's own reissue may both want to start this node: one claim decides.
         claim = int(payload.get("resume") or 0) if kind == "retry" else 0
-        if not claim and epoch and epoch_of(msg.headers) < epoch:
-            claim = epoch
+        if (claim or epoch) and epoch_of(msg.headers) < epoch:
+            claim = epoch  # a message from before the last retry (a reissue of an earlier one, too)
         if closing is None and not redelivered and not claim:
             return attempt  # the usual case: a first delivery in a run never retried
         if await self._admitted(msg, attempt, closing=closing, redelivered=redelivered, claim=claim):

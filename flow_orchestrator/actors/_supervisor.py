@@ -47,8 +47,10 @@ def _superseded(record: dict[str, Any], node: str, attempt: int, lineage: int) -
     return False
 
 
-class RetryNotSettled(FlowError):
-    """A failure report met a retry halfway through: it is handed back, to be delivered again."""
+class RetryNotSettled(FlowError, ConnectionError):
+    """A failure report met a retry halfway through: it is handed back, to be delivered again. A
+    ``ConnectionError`` so that actors treat it as transient (never poison): how long the retry
+    takes is not the message's fault."""
 
 
 def schedule_time(delay: float, now: float | None = None) -> str:

@@ -27,7 +27,7 @@ from flow_orchestrator.bus._journal import is_subject_conflict
 from flow_orchestrator.bus._kv import KeyTaken, StateStore
 from flow_orchestrator.bus._propagation import trace_headers
 from flow_orchestrator.bus._pull import Capacity
-from flow_orchestrator.bus._reader import read_stored
+from flow_orchestrator.bus._reader import ReadFailed, read_stored
 from flow_orchestrator.bus._subjects import DLQ_TOKEN, RUN_TOKEN, Names, is_valid_run_id, parse_event_subject
 from flow_orchestrator.bus.types import PublishInput
 
@@ -151,6 +151,7 @@ class ActorSystem:
                 nats.errors.TimeoutError,
                 nats.errors.NoRespondersError,
                 js_errors.ServiceUnavailableError,
+                ReadFailed,  # a direct get unanswered or refused for the same reasons
             ):
                 if time.monotonic() + delay > deadline:
                     raise

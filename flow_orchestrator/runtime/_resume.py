@@ -99,7 +99,44 @@ async def resume_failed_run(
     settle: float = SETTLE,
 ) -> list[str]:
     """Reopen the run record and publish a new attempt for each node to resume; return their names.
-    See the module docstring for the order of the steps and why."""
+    See the module docstring for the order of the steps and why. A retry that stopped halfway (its
+    journal read or a publish failed, or it was interrupted) left the run running with its entry
+    unfinished: asking again finishes it, under the same epoch."""
+    key = Names.run_key(run_id)
+    current = await store.get(key)
+    unfinished = _unfinished_retry(current)
+    if unfinished is not None:
+        assert current is not None  # _unfinished_retry saw it
+        record, epoch = dict(current.value), unfinished
+    else:
+        record, epoch = await _reopen(store, run_id, settle)
+    try:
+        chosen = await _issue(store, js, names, run_id, record, epoch, shape, read_journal)
+    except Exception as exc:  # (a cancelled one leaves the same state: retrying again finishes it)
+        raise RetryInterrupted(
+            f"the retry of run {run_id!r} stopped before it issued every node ({exc!r}); "
+            f"retry it again to finish (`flowctl retry {run_id}`)"
+        ) from exc
+    return chosen
+
+
+class RetryInterrupted(RunNotRetryable):
+    """A retry reopened the run but stopped before issuing every node: retrying again finishes it."""
+
+
+def _unfinished_retry(current: Versioned | None) -> int | None:
+    """The epoch of a retry that reopened this run and did not finish issuing, if any."""
+    if current is None or current.value.get("status") != RunStatus.RUNNING.value:
+        return None
+    resumed = current.value.get("resumed") or []
+    last = resumed[-1] if resumed else None
+    if not isinstance(last, dict) or last.get("done") or "epoch" not in last:
+        return None
+    return int(last["epoch"])
+
+
+async def _reopen(store: StateStore, run_id: str, settle: float) -> tuple[dict[str, Any], int]:
+    """Wait for a recent failure to settle, then set the failed run running again, one epoch on."""
     key = Names.run_key(run_id)
     record = await _failed_record(store, run_id)
     failed_at = record.get("finished_at")
@@ -125,22 +162,46 @@ async def resume_failed_run(
         await store.update(key, reopened, current.revision)
     except StateConflict as exc:
         raise RunNotRetryable(f"run {run_id!r} changed while retrying it; look at it again") from exc
+    return reopened, epoch
+
+
+async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
+    store: StateStore,
+    js: Any,
+    names: Names,
+    run_id: str,
+    record: dict[str, Any],
+    epoch: int,
+    shape: GraphShape,
+    read_journal: Callable[[], Awaitable[list[dict[str, Any]]]],
+) -> list[str]:
+    """Read the journal, note and publish the attempts of the ``epoch``-th retry, mark it done."""
+    key = Names.run_key(run_id)
     workflow = record["workflow"]
     views = fold_events(await read_journal())
     outputs = {name: view.output for name, view in views.items() if view.status is NodeStatus.COMPLETED}
     chosen = nodes_to_resume(shape, views)
     attempts = {node: (views[node].attempts if node in views else 0) + 1 for node in chosen}
 
-    def note_attempts(current: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The retry's entry names the attempts it issues: a failure reported by an older attempt
-        of one of them (the supervisor may see it late) must not fail the run again."""
-        resumed = list((current or {}).get("resumed") or [])
-        if not resumed or resumed[-1].get("epoch") != epoch:
-            return None
-        resumed[-1] = {**resumed[-1], "attempts": attempts}
-        return {**(current or {}), "resumed": resumed}
+    def entry(update: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[..., dict[str, Any] | None]:
+        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            resumed = list((current or {}).get("resumed") or [])
+            if not resumed or resumed[-1].get("epoch") != epoch:
+                return None
+            resumed[-1] = update(resumed[-1])
+            return {**(current or {}), "resumed": resumed}
 
-    await store.mutate(key, note_attempts)
+        return change
+
+    # The retry's entry names the attempts it issues (a failure reported by an older attempt of one
+    # of them, which the supervisor may take late, must not fail the run again); a retry finishing
+    # an interrupted one keeps the higher of the two for each node.
+    def noted(last: dict[str, Any]) -> dict[str, Any]:
+        known = dict(last.get("attempts") or {})
+        merged = {node: max(int(known.get(node, 0)), attempt) for node, attempt in attempts.items()}
+        return {**last, "attempts": {**known, **merged}}
+
+    await store.mutate(key, entry(noted))
     trace = {**dict(record.get("trace") or {}), EPOCH_HEADER: str(epoch)}
     await js.publish(
         names.run_event(workflow, run_id, "resumed"),
@@ -159,4 +220,5 @@ async def resume_failed_run(
             encode(body),
             headers={**trace, "Nats-Msg-Id": f"{run_id}.{node}.{attempt}.resume.{epoch}"},
         )
+    await store.mutate(key, entry(lambda last: {**last, "done": True}))
     return chosen
