@@ -72,13 +72,22 @@ async def test_following_yields_what_is_stored_after_it_started_and_only_that(
     follower = follow_stored(nc, js, name, f"{prefix}.x.>", from_start=False)
     async with contextlib.aclosing(follower):
         first = asyncio.ensure_future(anext(follower))
-        await asyncio.sleep(0.3)  # it has subscribed and found where the stream ends
+        async with asyncio.timeout(20):
+            # Once it yields a probe, it is surely following (however slow its start was).
+            while not first.done():
+                await js.publish(f"{prefix}.x.probe", b"probe")
+                await asyncio.wait([first], timeout=0.2)
+        assert first.result().data == b"probe"  # not b"old": it started from the stream's end
         await js.publish(f"{prefix}.x.new", b"new", headers={"Nats-Msg-Id": "once"})
         await js.publish(f"{prefix}.x.new", b"again", headers={"Nats-Msg-Id": "once"})  # a duplicate
         await nc.publish(f"{prefix}.x.core", b"core only")  # reaches the stream too
+        seen = []
         async with asyncio.timeout(10):
-            assert (await first).data == b"new"
-            assert (await anext(follower)).data == b"core only"
+            while len(seen) < 2:
+                data = (await anext(follower)).data
+                if data != b"probe":  # those published before the first was yielded
+                    seen.append(data)
+        assert seen == [b"new", b"core only"]
         # The duplicate was published (a core subscriber saw it), never stored: never yielded.
         nothing = asyncio.ensure_future(anext(follower))
         await asyncio.sleep(1.5)
@@ -124,3 +133,22 @@ async def test_following_outlives_a_server_outage_longer_than_a_read_waits(
     finally:
         await nc.close()
         await asyncio.to_thread(server.stop)
+
+
+async def test_following_ends_when_its_connection_is_closed(nats_url: str) -> None:
+    admin, nc = await nats.connect(nats_url), await nats.connect(nats_url)
+    name = f"C{uuid.uuid4().hex[:8]}"
+    await admin.jetstream().add_stream(
+        StreamConfig(name=name, subjects=[f"{name.lower()}.>"], allow_direct=True)
+    )
+    try:
+        follower = follow_stored(nc, nc.jetstream(), name, f"{name.lower()}.>", from_start=True)
+        waiting = asyncio.ensure_future(anext(follower))
+        await asyncio.sleep(0.3)
+        await nc.close()
+        async with asyncio.timeout(10):  # it used to look again every second, for ever
+            with pytest.raises(StopAsyncIteration):
+                await waiting
+    finally:
+        await admin.jetstream().delete_stream(name)
+        await admin.close()

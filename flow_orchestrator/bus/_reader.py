@@ -177,7 +177,8 @@ async def follow_stored(
     nc: NatsClient, js: Any, stream: str, subject: str, *, from_start: bool
 ) -> AsyncGenerator[Stored, None]:
     """The messages on ``subject`` as the stream stores them (with ``from_start``, those it already
-    holds first). It never ends by itself; close it (``contextlib.aclosing``) to unsubscribe."""
+    holds first). It ends only when its connection is closed; close it (``contextlib.aclosing``) to
+    unsubscribe."""
     api = direct_api(js, stream)
     woken = asyncio.Event()
 
@@ -192,6 +193,8 @@ async def follow_stored(
             try:
                 found, pending = await read_batch(nc, api, subject, start)
             except (ReadFailed, nats.errors.Error) as exc:
+                if nc.is_closed:
+                    return  # closed for good (the client was closed): nothing more will come
                 # The connection is down, or the stream has no leader yet: keep looking.
                 log.debug("following %s: %s; looking again in %.0f s", subject, exc, POLL)
                 await asyncio.sleep(POLL)
