@@ -18,7 +18,7 @@ from flow_orchestrator.actors._node import NodeActor
 from flow_orchestrator.actors._supervisor import SupervisorActor
 from flow_orchestrator.bus._reader import ReadFailed
 from flow_orchestrator.runtime import _resume
-from flow_orchestrator.runtime._resume import RetryInterrupted
+from flow_orchestrator.runtime._resume import RetryInterrupted, RunNotRetryable
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
 
@@ -685,3 +685,74 @@ async def test_a_retry_that_stopped_halfway_is_finished_by_retrying_again(
     assert record is not None
     [entry] = record.value["resumed"]
     assert (entry["epoch"], entry["done"], entry["attempts"]) == (1, True, {"only": 2})
+
+
+async def test_finishing_a_retry_whose_publish_failed_issues_what_it_had_chosen(env_factory: Any) -> None:
+    """The retry issues a, then publishing b's message fails. a completes meanwhile, and its
+    completion waits for c in a busy pool. Finishing the retry issues b (what it had chosen), not
+    c as well: c starts once, from a's completion."""
+    wf = Workflow("finishing")
+    calls, count = _counter()
+    broken = {"yes": True}
+
+    @wf.node()
+    async def a(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["yes"]:
+            raise NonRetryableError("a broken")
+        return 1
+
+    @wf.node()
+    async def b(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.05)
+        if broken["yes"]:
+            raise NonRetryableError("b broken")
+        return 2
+
+    @wf.node(depends_on=[a])
+    async def c(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.3)
+        return ctx.output("a") + 10
+
+    env: LocalEnvironment = await env_factory([wf])
+    js, stream = env.client.bus.js, env.names.events_stream
+    handle = await env.client.start("finishing", {})
+    with pytest.raises(RunFailed):
+        await handle.result()
+
+    async def failed(node: str) -> bool:
+        journal = await env.client.journal(handle.run_id, "finishing")
+        return (node, "attempt_failed") in [(e["node"], e["kind"]) for e in journal]
+
+    await eventually(lambda: failed("b"), within=10)
+    broken["yes"] = False
+    await js.pause_consumer(stream, env.names.node_consumer("finishing", "c"), "2099-01-01T00:00:00Z")
+    publish = js.publish
+
+    async def failing_for_b(subject: str, *args: Any, **kwargs: Any) -> Any:
+        if subject.endswith(".b.retry"):
+            raise nats.errors.TimeoutError
+        return await publish(subject, *args, **kwargs)
+
+    js.publish = failing_for_b  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RetryInterrupted):
+            await handle.retry()
+    finally:
+        js.publish = publish  # type: ignore[method-assign]
+
+    async def a_completed() -> bool:
+        journal = await env.client.journal(handle.run_id, "finishing")
+        return ("a", "completed") in [(e["node"], e["kind"]) for e in journal]
+
+    await eventually(a_completed, within=10)
+    assert await handle.retry() == ["a", "b"]  # as noted; a's repeat starts nothing
+    with pytest.raises(RunNotRetryable, match="running"):  # finished now: nothing left to finish
+        await handle.retry()
+    await js.resume_consumer(stream, env.names.node_consumer("finishing", "c"))
+    async with asyncio.timeout(15):
+        assert await handle.result() == {"b": 2, "c": 11}
+    await asyncio.sleep(0.8)  # a second start of c, if any, has begun by now
+    assert calls == {"a": [1, 2], "b": [1, 2], "c": [1]}

@@ -130,7 +130,8 @@ def _unfinished_retry(current: Versioned | None) -> int | None:
         return None
     resumed = current.value.get("resumed") or []
     last = resumed[-1] if resumed else None
-    if not isinstance(last, dict) or last.get("done") or "epoch" not in last:
+    # Only an entry that says it is not done: one from before entries said so counts as finished.
+    if not isinstance(last, dict) or last.get("done") is not False or "epoch" not in last:
         return None
     return int(last["epoch"])
 
@@ -154,7 +155,7 @@ async def _reopen(store: StateStore, run_id: str, settle: float) -> tuple[dict[s
         "finished_at": None,
         "resumed": [
             *record.get("resumed", []),
-            {"at": time.time(), "after": record.get("error"), "epoch": epoch},
+            {"at": time.time(), "after": record.get("error"), "epoch": epoch, "done": False},
         ],
     }
     assert current is not None  # _check_failed saw it
@@ -175,13 +176,24 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
     shape: GraphShape,
     read_journal: Callable[[], Awaitable[list[dict[str, Any]]]],
 ) -> list[str]:
-    """Read the journal, note and publish the attempts of the ``epoch``-th retry, mark it done."""
+    """Read the journal, note and publish the attempts of the ``epoch``-th retry, mark it done.
+
+    Finishing a retry that noted its attempts already publishes exactly those again (some may have
+    gone out, and their nodes moved on since: choosing anew could issue a node that a message of
+    this epoch, which claims nothing, starts too). Repeats are dropped by their message ids, or
+    lose the node's claim to the first."""
     key = Names.run_key(run_id)
     workflow = record["workflow"]
     views = fold_events(await read_journal())
     outputs = {name: view.output for name, view in views.items() if view.status is NodeStatus.COMPLETED}
-    chosen = nodes_to_resume(shape, views)
-    attempts = {node: (views[node].attempts if node in views else 0) + 1 for node in chosen}
+    resumed = record.get("resumed") or [{}]
+    noted = resumed[-1].get("attempts") if resumed[-1].get("epoch") == epoch else None
+    if isinstance(noted, dict):
+        attempts = {str(node): int(attempt) for node, attempt in noted.items()}
+    else:
+        chosen = nodes_to_resume(shape, views)
+        attempts = {node: (views[node].attempts if node in views else 0) + 1 for node in chosen}
+    chosen = list(attempts)
 
     def entry(update: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[..., dict[str, Any] | None]:
         def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -193,15 +205,10 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
 
         return change
 
-    # The retry's entry names the attempts it issues (a failure reported by an older attempt of one
-    # of them, which the supervisor may take late, must not fail the run again); a retry finishing
-    # an interrupted one keeps the higher of the two for each node.
-    def noted(last: dict[str, Any]) -> dict[str, Any]:
-        known = dict(last.get("attempts") or {})
-        merged = {node: max(int(known.get(node, 0)), attempt) for node, attempt in attempts.items()}
-        return {**last, "attempts": {**known, **merged}}
-
-    await store.mutate(key, entry(noted))
+    # The retry's entry names the attempts it issues: a failure reported by an older attempt of one
+    # of them, which the supervisor may take late, must not fail the run again.
+    if not isinstance(noted, dict):
+        await store.mutate(key, entry(lambda last: {**last, "attempts": attempts}))
     trace = {**dict(record.get("trace") or {}), EPOCH_HEADER: str(epoch)}
     await js.publish(
         names.run_event(workflow, run_id, "resumed"),
