@@ -185,7 +185,12 @@ async def follow_stored(
     async def wake(_: Msg) -> None:
         woken.set()
 
-    sub = await nc.subscribe(subject, cb=wake)  # before the first look: nothing falls in between
+    try:
+        sub = await nc.subscribe(subject, cb=wake)  # before the first look: nothing falls in between
+    except nats.errors.Error:
+        if nc.is_closed:
+            return
+        raise
     try:
         start = 1 if from_start else (await js.stream_info(stream)).state.last_seq + 1
         while True:

@@ -108,8 +108,9 @@ async def follow_workflow(
     client: Client, workflow: str, *, from_start: bool = False
 ) -> AsyncGenerator[RunEvent, None]:
     """Yield the events of every run of ``workflow`` as they happen (with ``from_start``, the whole
-    retained journal first). It never ends by itself: break out of the loop, or bound it with
-    ``asyncio.timeout``, and close it (``contextlib.aclosing``) so it unsubscribes at once."""
+    retained journal first). It ends only when the client is closed: break out of the loop, or
+    bound it with ``asyncio.timeout``, and close it (``contextlib.aclosing``) so it unsubscribes at
+    once."""
     subject = client.names.event(check_name("workflow", workflow), "*", "*", "*")
     stored = follow_stored(
         client.bus.nc, client.bus.js, client.names.events_stream, subject, from_start=from_start
