@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors as js_errors
+from nats.js.api import DeliverPolicy
 from nats.js.kv import KeyValue
 
 from flow_orchestrator._errors import StateConflict, UnencodableValue
@@ -165,19 +166,31 @@ class StateStore:
         await self._kv.delete(key, validate_keys=False)
 
     async def keys(self, pattern: str) -> list[str]:
-        """Keys matching a subject-style pattern (``run.*``); an empty list when none match."""
-        # nats-py's keys() watches the whole bucket and filters client-side; a filtered watch asks the
-        # server for the matching subjects only.
-        watcher = await self._kv.watch(pattern, ignore_deletes=True, meta_only=True)
+        """Keys matching a subject-style pattern (``run.*``); an empty list when none match.
+
+        Read through an ordered consumer of each matching key's last entry, headers only, until the
+        server says none is pending. (nats-py's watcher decides that a bucket is empty when the
+        server has delivered everything and its own callback has not seen it yet: on a loaded
+        machine it answered an empty list for a bucket with keys.)"""
+        kv = self._kv
+        prefix: str = kv._pre  # "$KV.<bucket>." (nats-py keeps these private)
+        sub = await kv._js.subscribe(
+            prefix + pattern,
+            stream=kv._stream,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            headers_only=True,
+        )
         keys: list[str] = []
         try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                keys.append(entry.key)
-                if not entry.delta:
-                    break
+            info = await sub.consumer_info()
+            if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
+                return keys  # nothing matches, and nothing was delivered before the question
+            while True:
+                msg = await sub.next_msg(timeout=5.0)
+                if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                    keys.append(msg.subject[len(prefix) :])
+                if not msg.metadata.num_pending:
+                    return keys
         finally:
-            stop: Callable[[], Awaitable[None]] = watcher.stop
-            await stop()
-        return keys
+            await sub.unsubscribe()
