@@ -22,6 +22,12 @@ from flow_orchestrator.runtime._resume import RetryInterrupted, RunNotRetryable
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
 
+async def _recorded(env: LocalEnvironment, handle: Any, node: str, kind: str) -> bool:
+    """Whether the run's journal has a ``kind`` event of ``node``."""
+    journal = await env.client.journal(handle.run_id, handle.workflow)
+    return (node, kind) in [(e["node"], e["kind"]) for e in journal]
+
+
 def _counter() -> tuple[dict[str, list[int]], Any]:
     calls: dict[str, list[int]] = {}
 
@@ -81,11 +87,7 @@ async def test_a_completion_waiting_through_the_retry_does_not_start_its_node_tw
     await jsm.pause_consumer(stream, consumer, "2099-01-01T00:00:00Z")
     release.set()
 
-    async def side_completed() -> bool:
-        journal = await env.client.journal(handle.run_id, "delayed")
-        return ("side", "completed") in [(e["node"], e["kind"]) for e in journal]
-
-    await eventually(side_completed, within=10)
+    await eventually(lambda: _recorded(env, handle, "side", "completed"), within=10)
     if restart:
         [worker] = env.workers
         await worker.stop()
@@ -98,11 +100,7 @@ async def test_a_completion_waiting_through_the_retry_does_not_start_its_node_tw
         await env.add_worker()
     await jsm.resume_consumer(stream, consumer)  # side's completion reaches `after` only now
 
-    async def after_completed() -> bool:
-        journal = await env.client.journal(handle.run_id, "delayed")
-        return ("after", "completed") in [(e["node"], e["kind"]) for e in journal]
-
-    await eventually(after_completed, within=10)
+    await eventually(lambda: _recorded(env, handle, "after", "completed"), within=10)
     await asyncio.sleep(0.5)  # a second start of `after`, if any, has begun by now
     await jsm.resume_consumer(stream, env.names.node_consumer("delayed", "fragile"))
     async with asyncio.timeout(15):
@@ -110,14 +108,13 @@ async def test_a_completion_waiting_through_the_retry_does_not_start_its_node_tw
     assert calls == {"fragile": [1, 2], "side": [1], "after": [1], "finish": [1]}
 
 
-async def test_a_scheduled_retry_that_came_due_while_the_run_was_failed_runs_after_the_retry(
-    env_factory: Any,
-) -> None:
-    wf = Workflow("duewhilefailed")
+def _flaky_and_fragile(name: str, delay: float) -> tuple[Workflow, dict[str, list[int]], dict[str, bool]]:
+    """flaky fails once and retries after ``delay``; fragile fails (while ``broken``) just after."""
+    wf = Workflow(name)
     calls, count = _counter()
     broken = {"yes": True}
 
-    @wf.node(retry=RetryPolicy(max_attempts=3, initial=0.3, jitter=0.0))
+    @wf.node(retry=RetryPolicy(max_attempts=3, initial=delay, jitter=0.0))
     async def flaky(ctx: NodeContext) -> int:
         count(ctx)
         if ctx.attempt == 1:
@@ -132,7 +129,15 @@ async def test_a_scheduled_retry_that_came_due_while_the_run_was_failed_runs_aft
             raise ValueError("bug in fragile")
         return 2
 
-    @wf.node(depends_on=[flaky, fragile])
+    return wf, calls, broken
+
+
+async def test_a_scheduled_retry_that_came_due_while_the_run_was_failed_runs_after_the_retry(
+    env_factory: Any,
+) -> None:
+    wf, calls, broken = _flaky_and_fragile("duewhilefailed", delay=0.3)
+
+    @wf.node(depends_on=["flaky", "fragile"])
     async def total(ctx: NodeContext) -> int:
         return ctx.output("flaky") + ctx.output("fragile")
 
@@ -141,11 +146,9 @@ async def test_a_scheduled_retry_that_came_due_while_the_run_was_failed_runs_aft
     with pytest.raises(RunFailed, match="bug in fragile"):
         await handle.result()
 
-    async def retry_came_due() -> bool:
-        journal = await env.client.journal(handle.run_id, "duewhilefailed")
-        return ("flaky", "retry") in [(e["node"], e["kind"]) for e in journal]
-
-    await eventually(retry_came_due, within=10)  # ... and was dropped: the run had failed
+    await eventually(
+        lambda: _recorded(env, handle, "flaky", "retry"), within=10
+    )  # ... and was dropped: the run had failed
     await asyncio.sleep(0.2)
     assert calls["flaky"] == [1]
     broken["yes"] = False
@@ -160,25 +163,7 @@ async def test_a_scheduled_retry_due_after_the_retry_does_not_run_its_node_again
 ) -> None:
     """The retry issues a node waiting for its scheduled retry at once; the scheduled message,
     when it comes due later, finds the node claimed and starts nothing."""
-    wf = Workflow("dueafter")
-    calls, count = _counter()
-    broken = {"yes": True}
-
-    @wf.node(retry=RetryPolicy(max_attempts=3, initial=2.5, jitter=0.0))
-    async def flaky(ctx: NodeContext) -> int:
-        count(ctx)
-        if ctx.attempt == 1:
-            raise ConnectionError("service unavailable")
-        return 1
-
-    @wf.node()
-    async def fragile(ctx: NodeContext) -> int:
-        count(ctx)
-        await asyncio.sleep(0.05)
-        if broken["yes"]:
-            raise ValueError("bug in fragile")
-        return 2
-
+    wf, calls, broken = _flaky_and_fragile("dueafter", delay=2.5)
     env: LocalEnvironment = await env_factory([wf])
     handle = await env.client.start("dueafter", {})
     with pytest.raises(RunFailed, match="bug in fragile"):
@@ -267,11 +252,10 @@ async def test_a_redelivered_attempt_that_already_failed_does_not_take_the_claim
     assert calls == {"x": [1, 2]}
 
 
-async def test_an_attempt_lost_while_the_run_was_failed_runs_again_after_the_retry(env_factory: Any) -> None:
-    """x's worker dies while x runs; another node fails the run; x's message comes back to a new
-    worker while the run is failed. It starts nothing then, but records the attempt as lost, so
-    that the retry issues x again (the journal had it running for good)."""
-    wf = Workflow("lostwhilefailed")
+def _lost_while_failed(name: str) -> tuple[Workflow, dict[str, list[int]], asyncio.Event, dict[str, bool]]:
+    """x's first attempt hangs (its worker dies meanwhile); z fails the run (while ``broken``)
+    once x has announced its start; w joins them."""
+    wf = Workflow(name)
     calls, count = _counter()
     hang, broken = asyncio.Event(), {"yes": True}
 
@@ -279,7 +263,7 @@ async def test_an_attempt_lost_while_the_run_was_failed_runs_again_after_the_ret
     async def x(ctx: NodeContext) -> int:
         count(ctx)
         if ctx.attempt == 1:
-            await hang.wait()  # its worker dies meanwhile (below)
+            await hang.wait()
         return 1
 
     @wf.node()
@@ -294,22 +278,33 @@ async def test_an_attempt_lost_while_the_run_was_failed_runs_again_after_the_ret
     async def w(ctx: NodeContext) -> int:
         return ctx.output("x") + ctx.output("z")
 
+    return wf, calls, hang, broken
+
+
+async def _worker_dies(env: LocalEnvironment) -> Any:
+    """The only worker loses its connection: no acknowledgement, no heartbeat, so what it held comes
+    back after the ack wait. Returns it (stop it at the end)."""
+    [dying] = env.workers
+    assert dying._bus is not None
+    await dying._bus.nc.close()
+    env.workers.clear()
+    return dying
+
+
+async def test_an_attempt_lost_while_the_run_was_failed_runs_again_after_the_retry(env_factory: Any) -> None:
+    """x's worker dies while x runs; another node fails the run; x's message comes back to a new
+    worker while the run is failed. It starts nothing then, but records the attempt as lost, so
+    that the retry issues x again (the journal had it running for good)."""
+    wf, calls, hang, broken = _lost_while_failed("lostwhilefailed")
     env: LocalEnvironment = await env_factory([wf], ack_wait=1.0, shutdown_grace=0.2)
     handle = await env.client.start("lostwhilefailed", {})
     with pytest.raises(RunFailed, match="bug in z"):
         await handle.result()
-    [dying] = env.workers
-    assert dying._bus is not None
-    await dying._bus.nc.close()  # no acknowledgement, no heartbeat: x's message comes back
-    env.workers.clear()
+    dying = await _worker_dies(env)
     await env.add_worker()
 
-    async def lost_recorded() -> bool:
-        journal = await env.client.journal(handle.run_id, "lostwhilefailed")
-        return ("x", "lost") in [(e["node"], e["kind"]) for e in journal]
-
     try:
-        await eventually(lost_recorded, within=15)
+        await eventually(lambda: _recorded(env, handle, "x", "lost"), within=15)
         broken["yes"] = False
         assert await handle.retry() == ["x", "z"]
         async with asyncio.timeout(15):
@@ -390,11 +385,7 @@ async def test_a_failure_reported_before_the_retry_does_not_fail_the_retried_run
     await js.pause_consumer(stream, supervisor, "2099-01-01T00:00:00Z")
     go.set()
 
-    async def y_failed() -> bool:
-        journal = await env.client.journal(handle.run_id, "stalereport")
-        return ("y", "attempt_failed") in [(e["node"], e["kind"]) for e in journal]
-
-    await eventually(y_failed, within=10)
+    await eventually(lambda: _recorded(env, handle, "y", "attempt_failed"), within=10)
     broken["yes"] = False
     assert await handle.retry() == ["y", "z"]
     await js.resume_consumer(stream, supervisor)
@@ -497,9 +488,7 @@ async def test_a_lost_attempt_reported_after_the_retry_read_the_journal_still_ru
 ) -> None:
     """The redelivery finds the run failed; the retry reopens it and reads the journal before the
     redelivery's `lost` event is stored, so it does not issue x: the redelivery must start x then."""
-    wf = Workflow("lostrace")
-    calls, count = _counter()
-    hang, broken = asyncio.Event(), {"yes": True}
+    wf, calls, hang, broken = _lost_while_failed("lostrace")
     checking, go = asyncio.Event(), asyncio.Event()
     unfinished = NodeActor._unfinished
 
@@ -508,33 +497,11 @@ async def test_a_lost_attempt_reported_after_the_retry_read_the_journal_still_ru
         await go.wait()  # a slow journal read on the worker, while the retry runs
         return await unfinished(self, attempt)
 
-    @wf.node()
-    async def x(ctx: NodeContext) -> int:
-        count(ctx)
-        if ctx.attempt == 1:
-            await hang.wait()  # its worker dies meanwhile
-        return 1
-
-    @wf.node()
-    async def z(ctx: NodeContext) -> int:
-        count(ctx)
-        await asyncio.sleep(0.3)
-        if broken["yes"]:
-            raise ValueError("bug in z")
-        return 2
-
-    @wf.node(depends_on=[x, z])
-    async def w(ctx: NodeContext) -> int:
-        return ctx.output("x") + ctx.output("z")
-
     env: LocalEnvironment = await env_factory([wf], ack_wait=1.0, shutdown_grace=0.2)
     handle = await env.client.start("lostrace", {})
     with pytest.raises(RunFailed, match="bug in z"):
         await handle.result()
-    [dying] = env.workers
-    assert dying._bus is not None
-    await dying._bus.nc.close()
-    env.workers.clear()
+    dying = await _worker_dies(env)
     monkeypatch.setattr(NodeActor, "_unfinished", slow_unfinished)
     await env.add_worker()
     try:
@@ -721,12 +688,7 @@ async def test_finishing_a_retry_whose_publish_failed_issues_what_it_had_chosen(
     handle = await env.client.start("finishing", {})
     with pytest.raises(RunFailed):
         await handle.result()
-
-    async def failed(node: str) -> bool:
-        journal = await env.client.journal(handle.run_id, "finishing")
-        return (node, "attempt_failed") in [(e["node"], e["kind"]) for e in journal]
-
-    await eventually(lambda: failed("b"), within=10)
+    await eventually(lambda: _recorded(env, handle, "b", "attempt_failed"), within=10)
     broken["yes"] = False
     await js.pause_consumer(stream, env.names.node_consumer("finishing", "c"), "2099-01-01T00:00:00Z")
     publish = js.publish
@@ -743,11 +705,7 @@ async def test_finishing_a_retry_whose_publish_failed_issues_what_it_had_chosen(
     finally:
         js.publish = publish  # type: ignore[method-assign]
 
-    async def a_completed() -> bool:
-        journal = await env.client.journal(handle.run_id, "finishing")
-        return ("a", "completed") in [(e["node"], e["kind"]) for e in journal]
-
-    await eventually(a_completed, within=10)
+    await eventually(lambda: _recorded(env, handle, "a", "completed"), within=10)
     assert await handle.retry() == ["a", "b"]  # as noted; a's repeat starts nothing
     with pytest.raises(RunNotRetryable, match="running"):  # finished now: nothing left to finish
         await handle.retry()
