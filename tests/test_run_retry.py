@@ -13,7 +13,15 @@ from typing import Any
 import nats.errors
 import pytest
 
-from flow_orchestrator import NodeContext, NonRetryableError, RetryPolicy, RunFailed, RunStatus, Workflow
+from flow_orchestrator import (
+    NodeContext,
+    NonRetryableError,
+    PermissionDenied,
+    RetryPolicy,
+    RunFailed,
+    RunStatus,
+    Workflow,
+)
 from flow_orchestrator.actors._node import NodeActor
 from flow_orchestrator.actors._supervisor import SupervisorActor
 from flow_orchestrator.bus._reader import ReadFailed
@@ -714,3 +722,33 @@ async def test_finishing_a_retry_whose_publish_failed_issues_what_it_had_chosen(
         assert await handle.result() == {"b": 2, "c": 11}
     await asyncio.sleep(0.8)  # a second start of c, if any, has begun by now
     assert calls == {"a": [1, 2], "b": [1, 2], "c": [1]}
+
+
+async def test_a_retry_refused_halfway_by_the_server_says_so(env_factory: Any) -> None:
+    """A user allowed to reopen the run but not to publish its retry messages gets PermissionDenied,
+    not "retry it again" (the server's refusal arrives on the connection, as nats-py reports it)."""
+    wf = Workflow("refusedhalfway")
+
+    @wf.node()
+    async def only(ctx: NodeContext) -> int:
+        raise ValueError("bug in only")
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("refusedhalfway", {})
+    with pytest.raises(RunFailed, match="bug in only"):
+        await handle.result()
+    bus, publish = env.client.bus, env.client.bus.js.publish
+
+    async def refused_for_retries(subject: str, *args: Any, **kwargs: Any) -> Any:
+        if not subject.endswith(".retry"):
+            return await publish(subject, *args, **kwargs)
+        bus.refused[subject.lower()] = f'Permissions Violation for Publish to "{subject}"'
+        bus.refusals += 1
+        raise nats.errors.TimeoutError
+
+    bus.js.publish = refused_for_retries  # type: ignore[method-assign]
+    try:
+        with pytest.raises(PermissionDenied, match=r"\.only\.retry'.*allowed to retry runs"):
+            await handle.retry()
+    finally:
+        bus.js.publish = publish  # type: ignore[method-assign]

@@ -45,7 +45,7 @@ from flow_orchestrator.bus._subjects import (
 from flow_orchestrator.runtime._dead_letters import DeadLetter, list_dead_letters, replay_dead_letter
 from flow_orchestrator.runtime._events import RunEvent, follow_run, follow_workflow
 from flow_orchestrator.runtime._journal import NodeView, fold_events
-from flow_orchestrator.runtime._resume import resume_failed_run
+from flow_orchestrator.runtime._resume import RetryInterrupted, resume_failed_run
 from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus, derive_node_statuses
 from flow_orchestrator.runtime._workflow import Workflow, shape_from_description
 
@@ -414,7 +414,11 @@ class Client:
         count = self.bus.refusals
         try:
             yield
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, RetryInterrupted) as exc:
+            # (A retry that stopped halfway on a refused publish reports the refusal too.)
+            timed_out = exc if isinstance(exc, nats.errors.TimeoutError) else exc.__cause__
+            if not isinstance(timed_out, nats.errors.TimeoutError):
+                raise
             if subject is not None:
                 words = self.bus.refusal(subject)
                 refused = (subject, words) if words is not None else None
