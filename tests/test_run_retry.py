@@ -752,3 +752,106 @@ async def test_a_retry_refused_halfway_by_the_server_says_so(env_factory: Any) -
             await handle.retry()
     finally:
         bus.js.publish = publish  # type: ignore[method-assign]
+
+
+async def test_a_cancel_while_the_run_is_being_retried_stops_the_retry(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone cancels the run while the retry reads its journal: the retry issues nothing, says
+    so, and the run stays cancelled (a late `_run.resumed` must not reopen it on the workers)."""
+    wf = Workflow("cancelledmidretry")
+    calls, count = _counter()
+
+    @wf.node()
+    async def only(ctx: NodeContext) -> int:
+        count(ctx)
+        raise ValueError("bug in only")
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("cancelledmidretry", {})
+    with pytest.raises(RunFailed, match="bug in only"):
+        await handle.result()
+    journal = env.client.journal
+
+    async def cancelled_meanwhile(run_id: str, workflow: str) -> Any:
+        await handle.cancel("another operator")
+
+        async def cancelled() -> bool:
+            record = await env.client.store.get(env.names.run_key(run_id))
+            return record is not None and record.value["status"] == "cancelled"
+
+        await eventually(cancelled, within=10)
+        return await journal(run_id, workflow)
+
+    monkeypatch.setattr(env.client, "journal", cancelled_meanwhile)
+    with pytest.raises(RunNotRetryable, match="cancelled again; its retry stopped"):
+        await handle.retry()
+    await asyncio.sleep(0.5)
+    record = await env.client.store.get(env.names.run_key(handle.run_id))
+    assert record is not None
+    assert record.value["status"] == "cancelled"
+    assert calls == {"only": [1]}
+
+
+async def test_a_second_retry_while_one_is_under_way_is_refused(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to "finish" the first, choosing anew and overwriting the attempts it had noted."""
+    wf = Workflow("twooperators")
+    calls, count = _counter()
+    broken = {"yes": True}
+
+    @wf.node()
+    async def only(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["yes"]:
+            raise ValueError("bug in only")
+        return 1
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("twooperators", {})
+    with pytest.raises(RunFailed, match="bug in only"):
+        await handle.result()
+    broken["yes"] = False
+    journal, reading, go = env.client.journal, asyncio.Event(), asyncio.Event()
+
+    async def slow_journal(run_id: str, workflow: str) -> Any:
+        reading.set()
+        await go.wait()
+        return await journal(run_id, workflow)
+
+    monkeypatch.setattr(env.client, "journal", slow_journal)
+    first = asyncio.ensure_future(handle.retry())
+    await asyncio.wait_for(reading.wait(), 15)
+    with pytest.raises(RunNotRetryable, match="under way"):
+        await handle.retry()
+    go.set()
+    assert await first == ["only"]
+    async with asyncio.timeout(15):
+        assert await handle.result() == 1
+    assert calls == {"only": [1, 2]}
+
+
+async def test_a_run_with_nothing_to_run_again_is_refused_and_stays_failed(env_factory: Any) -> None:
+    """Its nodes all completed; it failed because its results do not fit its record. Retrying used
+    to reopen it with nothing to run, running for good."""
+    wf = Workflow("nothingleft")
+
+    @wf.node()
+    async def left(ctx: NodeContext) -> str:
+        return "z" * 600_000
+
+    @wf.node()
+    async def right(ctx: NodeContext) -> str:
+        return "z" * 600_000
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("nothingleft", {})
+    with pytest.raises(RunFailed, match="results cannot be stored"):
+        await handle.result()
+    with pytest.raises(RunNotRetryable, match="no node to run again"):
+        await handle.retry()
+    record = await env.client.store.get(env.names.run_key(handle.run_id))
+    assert record is not None
+    assert record.value["status"] == "failed"
+    assert "results cannot be stored" in record.value["error"]["message"]

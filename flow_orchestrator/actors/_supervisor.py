@@ -148,8 +148,16 @@ class SupervisorActor(Actor):
         crash_point("supervisor.after_schedule", node)
 
     async def _fail_run(
-        self, run_id: str, node: str, error: dict[str, Any], trace: dict[str, str], *, attempt: int = 0
+        self,
+        run_id: str,
+        node: str,
+        error: dict[str, Any],
+        trace: dict[str, str],
+        *,
+        attempt: int | None = None,
     ) -> None:
+        """Fail the run, unless ``attempt`` (None: not an attempt's report) is from before a retry
+        that issued the node a later one (a dead-lettered delivery reports attempt 0)."""
         info = {"node": node, "type": error.get("type"), "message": error.get("message")}
         lineage = epoch_of(trace)
 
@@ -157,8 +165,8 @@ class SupervisorActor(Actor):
             if current is None or current.get("status") != _RUNNING:
                 return None
             if (
-                lineage < epoch_of_record(current)
-                and attempt
+                attempt is not None
+                and lineage < epoch_of_record(current)
                 and _superseded(current, node, attempt, lineage)
             ):
                 return None  # an attempt from before the run's retry, which issued a later one

@@ -77,8 +77,10 @@ class RunGate:
         return self._epochs.get(run_id, 0)
 
     def reopen(self, run_id: str, epoch: int) -> None:
-        """The run is running again after its ``epoch``-th retry."""
-        self._closed.pop(run_id, None)
+        """The run is running again after its ``epoch``-th retry (a cancelled run never is: a
+        retry's late announcement must not undo a cancel)."""
+        if self._closed.get(run_id) != "cancelled":
+            self._closed.pop(run_id, None)
         self.learn(run_id, epoch)
 
     def learn(self, run_id: str, epoch: int) -> None:

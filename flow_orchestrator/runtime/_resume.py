@@ -28,6 +28,7 @@ or from its record when they saw it fail, and always ask the record for a retry 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,6 +46,8 @@ from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus
 # announce an attempt, so an attempt that was running is seen as running and not issued again.
 SETTLE = 1.0
 CLOCK_SKEW = 5.0  # seconds the client's and the workers' clocks may disagree by
+# An unfinished retry younger than this is taken to be under way, not stopped halfway.
+IN_PROGRESS = 30.0
 
 
 def _check_failed(run_id: str, current: Versioned | None) -> dict[str, Any]:
@@ -105,6 +108,11 @@ async def resume_failed_run(
     key = Names.run_key(run_id)
     current = await store.get(key)
     unfinished = _unfinished_retry(current)
+    if unfinished is not None and not _interrupted(current) and _retry_age(current) < IN_PROGRESS:
+        raise RunNotRetryable(
+            f"a retry of run {run_id!r} is under way (it began {_retry_age(current):.0f} s ago); "
+            "if it does not finish, retry again in a moment"
+        )
     if unfinished is not None:
         assert current is not None  # _unfinished_retry saw it
         record, epoch = dict(current.value), unfinished
@@ -112,12 +120,37 @@ async def resume_failed_run(
         record, epoch = await _reopen(store, run_id, settle)
     try:
         chosen = await _issue(store, js, names, run_id, record, epoch, shape, read_journal)
+    except RunNotRetryable:
+        raise  # the run changed under the retry, or has nothing to run again
     except Exception as exc:  # (a cancelled one leaves the same state: retrying again finishes it)
+        with contextlib.suppress(Exception):  # say so, so that retrying again need not wait
+            await store.mutate(key, _marked_interrupted(epoch))
         raise RetryInterrupted(
             f"the retry of run {run_id!r} stopped before it issued every node ({exc!r}); "
             f"retry it again to finish (`flowctl retry {run_id}`)"
         ) from exc
     return chosen
+
+
+def _interrupted(current: Versioned | None) -> bool:
+    resumed = (current.value.get("resumed") if current else None) or [{}]
+    return bool(resumed[-1].get("interrupted"))
+
+
+def _marked_interrupted(epoch: int) -> Callable[[dict[str, Any] | None], dict[str, Any] | None]:
+    def mark(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        resumed = list((current or {}).get("resumed") or [])
+        if not resumed or resumed[-1].get("epoch") != epoch or resumed[-1].get("done"):
+            return None
+        resumed[-1] = {**resumed[-1], "interrupted": True}
+        return {**(current or {}), "resumed": resumed}
+
+    return mark
+
+
+def _retry_age(current: Versioned | None) -> float:
+    resumed = (current.value.get("resumed") if current else None) or [{}]
+    return time.time() - float(resumed[-1].get("at") or 0)
 
 
 class RetryInterrupted(RunNotRetryable):
@@ -200,6 +233,10 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
             resumed = list((current or {}).get("resumed") or [])
             if not resumed or resumed[-1].get("epoch") != epoch:
                 return None
+            if (current or {}).get("status") != RunStatus.RUNNING.value:
+                raise RunNotRetryable(  # cancelled (or failed again) meanwhile: issue nothing more
+                    f"run {run_id!r} is {(current or {}).get('status')} again; its retry stopped"
+                )
             resumed[-1] = update(resumed[-1])
             return {**(current or {}), "resumed": resumed}
 
@@ -207,8 +244,16 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
 
     # The retry's entry names the attempts it issues: a failure reported by an older attempt of one
     # of them, which the supervisor may take late, must not fail the run again.
+    if not chosen:
+        await store.mutate(key, entry(lambda last: {**last, "done": True}))
+        await _fail_again(store, key, record, epoch)
+        raise RunNotRetryable(
+            f"run {run_id!r} has no node to run again (its nodes completed): it failed because "
+            f"{record.get('resumed', [{}])[-1].get('after') or 'of an error after its nodes'}"
+        )
     if not isinstance(noted, dict):
-        await store.mutate(key, entry(lambda last: {**last, "attempts": attempts}))
+        # Noted once: another retry finishing this one must not overwrite what went out.
+        await store.mutate(key, entry(lambda last: {**last, "attempts": last.get("attempts") or attempts}))
     trace = {**dict(record.get("trace") or {}), EPOCH_HEADER: str(epoch)}
     await js.publish(
         names.run_event(workflow, run_id, "resumed"),
@@ -229,3 +274,17 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
         )
     await store.mutate(key, entry(lambda last: {**last, "done": True}))
     return chosen
+
+
+async def _fail_again(store: StateStore, key: str, record: dict[str, Any], epoch: int) -> None:
+    """Put back the failure a retry with nothing to run reopened."""
+    after = (record.get("resumed") or [{}])[-1].get("after")
+
+    def fail(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        if current is None or current.get("status") != RunStatus.RUNNING.value:
+            return None
+        if epoch_of_record(current) != epoch:
+            return None
+        return {**current, "status": RunStatus.FAILED.value, "error": after, "finished_at": time.time()}
+
+    await store.mutate(key, fail)
