@@ -855,3 +855,36 @@ async def test_a_run_with_nothing_to_run_again_is_refused_and_stays_failed(env_f
     assert record is not None
     assert record.value["status"] == "failed"
     assert "results cannot be stored" in record.value["error"]["message"]
+
+
+async def test_a_join_whose_upstream_outputs_are_large_can_be_retried(env_factory: Any) -> None:
+    """Its retry message would carry both 600 KB outputs, over the server's message limit: it used
+    to stop halfway at every try. The outputs are read from the journal instead."""
+    wf = Workflow("bigjoin")
+    calls, count = _counter()
+    broken = {"yes": True}
+
+    @wf.node()
+    async def one(ctx: NodeContext) -> str:
+        return "a" * 600_000
+
+    @wf.node()
+    async def two(ctx: NodeContext) -> str:
+        return "b" * 600_000
+
+    @wf.node(depends_on=[one, two])
+    async def both(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["yes"]:
+            raise NonRetryableError("bug in both")
+        return len(ctx.output("one")) + len(ctx.output("two"))
+
+    env: LocalEnvironment = await env_factory([wf])
+    handle = await env.client.start("bigjoin", {})
+    with pytest.raises(RunFailed, match="bug in both"):
+        await handle.result()
+    broken["yes"] = False
+    assert await handle.retry() == ["both"]
+    async with asyncio.timeout(15):
+        assert await handle.result() == 1_200_000
+    assert calls == {"both": [1, 2]}

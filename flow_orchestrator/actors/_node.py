@@ -137,9 +137,10 @@ class NodeActor(Actor):
             return None
         payload = decode_event(msg.data, msg.subject)
         if kind == "retry":
-            attempt = Attempt(
-                run_id, int(payload["attempt"]), payload.get("input"), payload.get("outputs") or {}
-            )
+            outputs = payload.get("outputs") or {}
+            if payload.get("outputs_in_journal"):  # too large to ride in the retry message
+                outputs = await self._gather_outputs(run_id, {})
+            attempt = Attempt(run_id, int(payload["attempt"]), payload.get("input"), outputs)
         elif source == RUN_TOKEN:
             attempt = Attempt(run_id, 1, payload.get("input"), {})
         elif len(self._needed) == 1:

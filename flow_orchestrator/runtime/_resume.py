@@ -46,6 +46,8 @@ from flow_orchestrator.runtime._status import GraphShape, NodeStatus, RunStatus
 # announce an attempt, so an attempt that was running is seen as running and not issued again.
 SETTLE = 1.0
 CLOCK_SKEW = 5.0  # seconds the client's and the workers' clocks may disagree by
+# A retry message whose upstream outputs would make it larger than this leaves them to the journal.
+OUTPUTS_INLINE_BYTES = 256 * 1024
 # An unfinished retry younger than this is taken to be under way, not stopped halfway.
 IN_PROGRESS = 30.0
 
@@ -261,12 +263,14 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
         headers={**trace, "Nats-Msg-Id": f"{run_id}.run.resumed.{epoch}"},
     )
     for node, attempt in attempts.items():
-        body = {
+        body: dict[str, Any] = {
             "attempt": attempt,
             "input": record.get("input"),
             "outputs": {up: outputs.get(up) for up in shape.upstreams[node]},
             "resume": epoch,
         }
+        if len(encode(body)) > OUTPUTS_INLINE_BYTES:  # the worker reads them from the journal
+            body.update(outputs=None, outputs_in_journal=True)
         await js.publish(
             names.event(workflow, run_id, node, "retry"),
             encode(body),
