@@ -888,3 +888,62 @@ async def test_a_join_whose_upstream_outputs_are_large_can_be_retried(env_factor
     async with asyncio.timeout(15):
         assert await handle.result() == 1_200_000
     assert calls == {"both": [1, 2]}
+
+
+async def test_a_worker_started_after_the_failure_takes_a_held_message_during_the_retry(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deploy the fix: the new worker never saw the run fail. A message from before the retry
+    reaches it while the retry reads the journal: it must claim (the retry announces its epoch
+    before reading), so the node, which the retry issues too, runs once."""
+    wf = Workflow("freshworker")
+    calls, count = _counter()
+    broken, release = {"yes": True}, asyncio.Event()
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> int:
+        count(ctx)
+        if broken["yes"]:
+            raise NonRetryableError("bug in x")
+        return 1
+
+    @wf.node()
+    async def s(ctx: NodeContext) -> int:
+        await release.wait()
+        return 10
+
+    @wf.node(depends_on=[s])
+    async def a(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.5)
+        return ctx.output("s") + 1
+
+    env: LocalEnvironment = await env_factory([wf])
+    js, stream = env.client.bus.js, env.names.events_stream
+    held = env.names.node_consumer("freshworker", "a")
+    handle = await env.client.start("freshworker", {})
+    with pytest.raises(RunFailed, match="bug in x"):
+        await handle.result()
+    await js.pause_consumer(stream, held, "2099-01-01T00:00:00Z")  # a busy pool
+    release.set()
+    await eventually(lambda: _recorded(env, handle, "s", "completed"), within=10)
+    [old] = env.workers
+    await old.stop()
+    env.workers.clear()
+    broken["yes"] = False
+    await env.add_worker()
+    journal = env.client.journal
+
+    async def held_message_taken_meanwhile(run_id: str, workflow: str) -> Any:
+        events = await journal(run_id, workflow)
+        await js.resume_consumer(stream, held)
+        await eventually(lambda: "a" in calls, within=10)
+        return events
+
+    monkeypatch.setattr(env.client, "journal", held_message_taken_meanwhile)
+    assert await handle.retry() == ["x", "a"]
+    monkeypatch.setattr(env.client, "journal", journal)
+    async with asyncio.timeout(15):
+        assert await handle.result() == {"x": 1, "a": 11}
+    await asyncio.sleep(1.0)  # a second start of a, if any, has begun by now
+    assert calls == {"x": [1, 2], "a": [1]}

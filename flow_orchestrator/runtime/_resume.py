@@ -9,20 +9,23 @@ counts the upstreams that completed after the failure.
 
 The steps, in this order:
 
-1. The run must have been failed for ``settle`` seconds: by then every attempt that was running
-   when it failed has said so in the journal (workers announce an attempt after 0.1 s) or ended.
+1. A recent failure is given ``settle`` seconds: by then every attempt that was running when the
+   run failed has said so in the journal (workers announce an attempt after 0.1 s) or ended.
 2. The run record goes back to running by compare-and-set, with one more entry in ``resumed``: the
    run's *epoch*. A run is resumed once even if two people ask.
-3. The journal is read (after the record changed, so nothing it misses was dropped as closed).
-4. A ``resumed`` event tells workers the new epoch; a ``retry`` message per chosen node follows,
-   marked with it.
+3. A ``resumed`` event tells workers the new epoch; half a second later (an attempt a worker
+   started just before hearing of it has announced itself) the journal is read: after the record
+   changed, so nothing it misses was dropped as closed.
+4. The attempts chosen are noted in the entry, a ``retry`` message per node follows, marked with
+   the epoch, and the entry is marked done.
 
 Messages from before the retry may still be on their way (an upstream's completion, a scheduled
 retry, a redelivery) and would start a node the retry also reissued. So after a retry, whichever of
 them and the reissue comes first *claims* the node for the epoch (a create-only key,
 ``claim.<run>.<node>.<epoch>``); the others start nothing. Messages issued from the retry on carry
-its epoch (``Flow-Epoch``) and need no claim. Workers know a run's epoch from the ``resumed`` event,
-or from its record when they saw it fail, and always ask the record for a retry or a redelivery.
+its epoch (``Flow-Epoch``) and need no claim. Workers know a run's epoch from the ``resumed`` event
+(and read past ones at start and after reconnecting), from its record when they saw it fail, and
+ask the record for every retry message, and for a redelivery when they know of no retry.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ SETTLE = 1.0
 CLOCK_SKEW = 5.0  # seconds the client's and the workers' clocks may disagree by
 # A retry message whose upstream outputs would make it larger than this leaves them to the journal.
 OUTPUTS_INLINE_BYTES = 256 * 1024
+# Seconds between announcing a retry and reading the journal: more than the 0.1 s after which
+# workers announce an attempt.
+ANNOUNCED_WITHIN = 0.5
 # An unfinished retry younger than this is taken to be under way, not stopped halfway.
 IN_PROGRESS = 30.0
 
@@ -219,6 +225,16 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
     lose the node's claim to the first."""
     key = Names.run_key(run_id)
     workflow = record["workflow"]
+    trace = {**dict(record.get("trace") or {}), EPOCH_HEADER: str(epoch)}
+    # Tell workers of the epoch first: from then on a message from before the retry claims what it
+    # starts. One a worker started just before hearing of it (a worker started after the failure
+    # knows nothing of the run) has announced itself by the time the journal is read.
+    await js.publish(
+        names.run_event(workflow, run_id, "resumed"),
+        encode({"epoch": epoch}),
+        headers={**trace, "Nats-Msg-Id": f"{run_id}.run.resumed.{epoch}"},
+    )
+    await asyncio.sleep(ANNOUNCED_WITHIN)
     views = fold_events(await read_journal())
     outputs = {name: view.output for name, view in views.items() if view.status is NodeStatus.COMPLETED}
     resumed = record.get("resumed") or [{}]
@@ -256,12 +272,6 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
     if not isinstance(noted, dict):
         # Noted once: another retry finishing this one must not overwrite what went out.
         await store.mutate(key, entry(lambda last: {**last, "attempts": last.get("attempts") or attempts}))
-    trace = {**dict(record.get("trace") or {}), EPOCH_HEADER: str(epoch)}
-    await js.publish(
-        names.run_event(workflow, run_id, "resumed"),
-        encode({"nodes": chosen, "epoch": epoch}),
-        headers={**trace, "Nats-Msg-Id": f"{run_id}.run.resumed.{epoch}"},
-    )
     for node, attempt in attempts.items():
         body: dict[str, Any] = {
             "attempt": attempt,
