@@ -435,11 +435,10 @@ async def test_a_sink_that_completed_while_the_run_was_failed_counts_after_the_r
         assert await handle.result() == {"x": 1, "z": 2}
 
 
-async def test_a_worker_that_missed_the_retry_learns_of_it_when_it_reconnects(env_factory: Any) -> None:
-    """The retry's `_run.resumed` is a core message: a worker disconnected at that moment misses it
-    (simulated: its gate forgets the run, and drops the message). Reconnecting, it reads the past
-    retries again, so a message from before the retry still claims what it starts."""
-    wf = Workflow("partitioned")
+def _held_side(name: str) -> tuple[Workflow, dict[str, list[int]], dict[str, bool], asyncio.Event]:
+    """Two roots: fragile fails (while ``broken``) and fails the run; side waits for ``release``;
+    after follows side."""
+    wf = Workflow(name)
     calls, count = _counter()
     broken, release = {"yes": True}, asyncio.Event()
 
@@ -458,9 +457,17 @@ async def test_a_worker_that_missed_the_retry_learns_of_it_when_it_reconnects(en
     @wf.node(depends_on=[side])
     async def after(ctx: NodeContext) -> int:
         count(ctx)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
         return ctx.output("side") + 1
 
+    return wf, calls, broken, release
+
+
+async def test_a_worker_that_missed_the_retry_learns_of_it_when_it_reconnects(env_factory: Any) -> None:
+    """The retry's `_run.resumed` is a core message: a worker disconnected at that moment misses it
+    (simulated: its gate forgets the run, and drops the message). Reconnecting, it reads the past
+    retries again, so a message from before the retry still claims what it starts."""
+    wf, calls, broken, release = _held_side("partitioned")
     env: LocalEnvironment = await env_factory([wf])
     [worker] = env.workers
     assert worker.system is not None
@@ -896,37 +903,16 @@ async def test_a_worker_started_after_the_failure_takes_a_held_message_during_th
     """Deploy the fix: the new worker never saw the run fail. A message from before the retry
     reaches it while the retry reads the journal: it must claim (the retry announces its epoch
     before reading), so the node, which the retry issues too, runs once."""
-    wf = Workflow("freshworker")
-    calls, count = _counter()
-    broken, release = {"yes": True}, asyncio.Event()
-
-    @wf.node()
-    async def x(ctx: NodeContext) -> int:
-        count(ctx)
-        if broken["yes"]:
-            raise NonRetryableError("bug in x")
-        return 1
-
-    @wf.node()
-    async def s(ctx: NodeContext) -> int:
-        await release.wait()
-        return 10
-
-    @wf.node(depends_on=[s])
-    async def a(ctx: NodeContext) -> int:
-        count(ctx)
-        await asyncio.sleep(0.5)
-        return ctx.output("s") + 1
-
+    wf, calls, broken, release = _held_side("freshworker")
     env: LocalEnvironment = await env_factory([wf])
     js, stream = env.client.bus.js, env.names.events_stream
-    held = env.names.node_consumer("freshworker", "a")
+    held = env.names.node_consumer("freshworker", "after")
     handle = await env.client.start("freshworker", {})
-    with pytest.raises(RunFailed, match="bug in x"):
+    with pytest.raises(RunFailed, match="bug in fragile"):
         await handle.result()
     await js.pause_consumer(stream, held, "2099-01-01T00:00:00Z")  # a busy pool
     release.set()
-    await eventually(lambda: _recorded(env, handle, "s", "completed"), within=10)
+    await eventually(lambda: _recorded(env, handle, "side", "completed"), within=10)
     [old] = env.workers
     await old.stop()
     env.workers.clear()
@@ -937,13 +923,13 @@ async def test_a_worker_started_after_the_failure_takes_a_held_message_during_th
     async def held_message_taken_meanwhile(run_id: str, workflow: str) -> Any:
         events = await journal(run_id, workflow)
         await js.resume_consumer(stream, held)
-        await eventually(lambda: "a" in calls, within=10)
+        await eventually(lambda: "after" in calls, within=10)
         return events
 
     monkeypatch.setattr(env.client, "journal", held_message_taken_meanwhile)
-    assert await handle.retry() == ["x", "a"]
+    assert await handle.retry() == ["fragile", "after"]
     monkeypatch.setattr(env.client, "journal", journal)
     async with asyncio.timeout(15):
-        assert await handle.result() == {"x": 1, "a": 11}
-    await asyncio.sleep(1.0)  # a second start of a, if any, has begun by now
-    assert calls == {"x": [1, 2], "a": [1]}
+        assert await handle.result() == {"fragile": 2, "after": 11}
+    await asyncio.sleep(1.0)  # a second start of after, if any, has begun by now
+    assert calls == {"fragile": [1, 2], "after": [1]}
