@@ -298,8 +298,7 @@ class ActorSystem:
             with contextlib.suppress(ValueError):
                 _, run_id, _, kind = parse_event_subject(msg.subject)
                 if kind == "resumed":
-                    epoch = decode_event(msg.data, msg.subject, empty_ok=True).get("epoch")
-                    self.gate.reopen(run_id, epoch if isinstance(epoch, int) else 0)
+                    self.gate.reopen(run_id, _epoch_in(msg.data, msg.subject))
                 else:
                     self.gate.close(run_id, kind)
 
@@ -312,9 +311,8 @@ class ActorSystem:
         async def learn_past_retries() -> None:
             for stored in await read_stored(nc, js, stream, resumed):
                 with contextlib.suppress(ValueError):  # a malformed event says nothing
-                    epoch = decode_event(stored.data, stored.subject, empty_ok=True).get("epoch")
                     _, run_id, _, _ = parse_event_subject(stored.subject)
-                    self.gate.learn(run_id, epoch if isinstance(epoch, int) else 0)
+                    self.gate.learn(run_id, _epoch_in(stored.data, stored.subject))
 
         # Runs retried before this worker started (say, right after the fix was deployed), or while
         # its connection was down (core messages published meanwhile never reach it): messages from
@@ -367,6 +365,12 @@ class ActorSystem:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._gate_subs.clear()
+
+
+def _epoch_in(data: bytes, subject: str) -> int:
+    """The epoch a ``_run.resumed`` event announces (0 if it names none)."""
+    epoch = decode_event(data, subject, empty_ok=True).get("epoch")
+    return epoch if isinstance(epoch, int) else 0
 
 
 def _workflow_and_run(subject: str, names: Names) -> tuple[str, str | None]:

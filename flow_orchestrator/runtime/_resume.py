@@ -132,7 +132,7 @@ async def resume_failed_run(
         raise  # the run changed under the retry, or has nothing to run again
     except Exception as exc:  # (a cancelled one leaves the same state: retrying again finishes it)
         with contextlib.suppress(Exception):  # say so, so that retrying again need not wait
-            await store.mutate(key, _marked_interrupted(epoch))
+            await store.mutate(key, _retry_entry(run_id, epoch, lambda last: {**last, "interrupted": True}))
         raise RetryInterrupted(
             f"the retry of run {run_id!r} stopped before it issued every node ({exc!r}); "
             f"retry it again to finish (`flowctl retry {run_id}`)"
@@ -140,25 +140,38 @@ async def resume_failed_run(
     return chosen
 
 
-def _interrupted(current: Versioned | None) -> bool:
-    resumed = (current.value.get("resumed") if current else None) or [{}]
-    return bool(resumed[-1].get("interrupted"))
+Change = Callable[[dict[str, Any] | None], dict[str, Any] | None]
 
 
-def _marked_interrupted(epoch: int) -> Callable[[dict[str, Any] | None], dict[str, Any] | None]:
-    def mark(current: dict[str, Any] | None) -> dict[str, Any] | None:
-        resumed = list((current or {}).get("resumed") or [])
-        if not resumed or resumed[-1].get("epoch") != epoch or resumed[-1].get("done"):
+def _last_retry(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's latest ``resumed`` entry ({} if none)."""
+    resumed = (record or {}).get("resumed") or [{}]
+    last = resumed[-1]
+    return last if isinstance(last, dict) else {}
+
+
+def _retry_entry(run_id: str, epoch: int, update: Callable[[dict[str, Any]], dict[str, Any]]) -> Change:
+    """A record change applying ``update`` to the ``epoch``-th retry's entry while the run runs (no
+    change if a later retry came; :class:`RunNotRetryable` if it was cancelled or failed meanwhile)."""
+
+    def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        if current is None or _last_retry(current).get("epoch") != epoch:
             return None
-        resumed[-1] = {**resumed[-1], "interrupted": True}
-        return {**(current or {}), "resumed": resumed}
+        if current.get("status") != RunStatus.RUNNING.value:
+            raise RunNotRetryable(f"run {run_id!r} is {current.get('status')} again; its retry stopped")
+        resumed = list(current["resumed"])
+        resumed[-1] = update(resumed[-1])
+        return {**current, "resumed": resumed}
 
-    return mark
+    return change
+
+
+def _interrupted(current: Versioned | None) -> bool:
+    return bool(_last_retry(current.value if current else None).get("interrupted"))
 
 
 def _retry_age(current: Versioned | None) -> float:
-    resumed = (current.value.get("resumed") if current else None) or [{}]
-    return time.time() - float(resumed[-1].get("at") or 0)
+    return time.time() - float(_last_retry(current.value if current else None).get("at") or 0)
 
 
 class RetryInterrupted(RunNotRetryable):
@@ -169,10 +182,9 @@ def _unfinished_retry(current: Versioned | None) -> int | None:
     """The epoch of a retry that reopened this run and did not finish issuing, if any."""
     if current is None or current.value.get("status") != RunStatus.RUNNING.value:
         return None
-    resumed = current.value.get("resumed") or []
-    last = resumed[-1] if resumed else None
+    last = _last_retry(current.value)
     # Only an entry that says it is not done: one from before entries said so counts as finished.
-    if not isinstance(last, dict) or last.get("done") is not False or "epoch" not in last:
+    if last.get("done") is not False or "epoch" not in last:
         return None
     return int(last["epoch"])
 
@@ -237,41 +249,36 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
     await asyncio.sleep(ANNOUNCED_WITHIN)
     views = fold_events(await read_journal())
     outputs = {name: view.output for name, view in views.items() if view.status is NodeStatus.COMPLETED}
-    resumed = record.get("resumed") or [{}]
-    noted = resumed[-1].get("attempts") if resumed[-1].get("epoch") == epoch else None
+    last = _last_retry(record)
+    noted = last.get("attempts") if last.get("epoch") == epoch else None
     if isinstance(noted, dict):
         attempts = {str(node): int(attempt) for node, attempt in noted.items()}
     else:
         chosen = nodes_to_resume(shape, views)
         attempts = {node: (views[node].attempts if node in views else 0) + 1 for node in chosen}
-    chosen = list(attempts)
-
-    def entry(update: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[..., dict[str, Any] | None]:
-        def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
-            resumed = list((current or {}).get("resumed") or [])
-            if not resumed or resumed[-1].get("epoch") != epoch:
-                return None
-            if (current or {}).get("status") != RunStatus.RUNNING.value:
-                raise RunNotRetryable(  # cancelled (or failed again) meanwhile: issue nothing more
-                    f"run {run_id!r} is {(current or {}).get('status')} again; its retry stopped"
-                )
-            resumed[-1] = update(resumed[-1])
-            return {**(current or {}), "resumed": resumed}
-
-        return change
+    chosen = list(attempts)  # (empty: nothing to run again)
 
     # The retry's entry names the attempts it issues: a failure reported by an older attempt of one
     # of them, which the supervisor may take late, must not fail the run again.
+    done = _retry_entry(run_id, epoch, lambda entry: {**entry, "done": True})
     if not chosen:
-        await store.mutate(key, entry(lambda last: {**last, "done": True}))
+        await store.mutate(key, done)
         await _fail_again(store, key, record, epoch)
         raise RunNotRetryable(
             f"run {run_id!r} has no node to run again (its nodes completed): it failed because "
-            f"{record.get('resumed', [{}])[-1].get('after') or 'of an error after its nodes'}"
+            f"{last.get('after') or 'of an error after its nodes'}"
         )
     if not isinstance(noted, dict):
-        # Noted once: another retry finishing this one must not overwrite what went out.
-        await store.mutate(key, entry(lambda last: {**last, "attempts": last.get("attempts") or attempts}))
+        # Noted once: another retry finishing this one must not overwrite what went out, and what
+        # is noted is what goes out.
+        chosen_now = attempts
+
+        def noted_once(entry: dict[str, Any]) -> dict[str, Any]:
+            return {**entry, "attempts": entry.get("attempts") or chosen_now}
+
+        written, _ = await store.mutate(key, _retry_entry(run_id, epoch, noted_once))
+        in_record = _last_retry(written).get("attempts") or chosen_now
+        attempts = {str(node): int(attempt) for node, attempt in in_record.items()}
     for node, attempt in attempts.items():
         body: dict[str, Any] = {
             "attempt": attempt,
@@ -286,13 +293,13 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
             encode(body),
             headers={**trace, "Nats-Msg-Id": f"{run_id}.{node}.{attempt}.resume.{epoch}"},
         )
-    await store.mutate(key, entry(lambda last: {**last, "done": True}))
-    return chosen
+    await store.mutate(key, done)
+    return list(attempts)
 
 
 async def _fail_again(store: StateStore, key: str, record: dict[str, Any], epoch: int) -> None:
     """Put back the failure a retry with nothing to run reopened."""
-    after = (record.get("resumed") or [{}])[-1].get("after")
+    after = _last_retry(record).get("after")
 
     def fail(current: dict[str, Any] | None) -> dict[str, Any] | None:
         if current is None or current.get("status") != RunStatus.RUNNING.value:
