@@ -7,11 +7,18 @@ on its own prefix), and the client alternates short batches of runs between them
 noisy 2-core VM, drift over a minute is larger than the effect measured, and alternating batches
 cancels it. ``--span-export process`` measures the export process instead of the default, the
 SDK's ``BatchSpanProcessor`` in the worker.
+
+``--b-tree PATH`` adds a third set of 2 traced workers whose engine comes from another checkout
+(``git worktree add PATH REV``), in the same alternation: two versions of the tracing code are then
+compared with each other (``b_over_a``, paired batch by batch) and each with the same untraced
+batches, which runs minutes apart cannot do on this VM.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import signal
@@ -27,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -102,11 +110,13 @@ def sink_counts(endpoint: str) -> dict[str, int]:
 
 
 @contextmanager
-def workers(url: str, prefix: str, env: dict[str, str], count: int = 2) -> Iterator[list[int]]:
+def workers(
+    url: str, prefix: str, env: dict[str, str], count: int = 2, root: Path = ROOT
+) -> Iterator[list[int]]:
     logs = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
     child_env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
         **env,
     }
     command = [
@@ -154,8 +164,11 @@ async def chain_batches(  # noqa: PLR0917 (one call site, each argument named th
             await eventually(lambda c=client: _consumers_ready(c), within=60)  # type: ignore[misc]
         samples: dict[str, list[list[float]]] = {mode: [] for mode in clients}
         cpu = {mode: {"worker": 0.0, "exporter": 0.0} | dict.fromkeys(shared, 0.0) for mode in clients}
+        # Each order in turn (A B, B A with two modes): every mode is as often first, last or beside
+        # each other mode, so none gains from its workers having just run (warm caches) or idled.
+        orders = list(itertools.permutations(clients))
         for batch in range(batches):
-            order = list(clients) if batch % 2 == 0 else list(reversed(clients))
+            order = orders[batch % len(orders)]
             for mode in order:
                 skip = warmup if batch == 0 else 0
                 samples[mode].append([])
@@ -196,6 +209,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ratio", type=float, help="sample this fraction of runs (default: every run)")
     parser.add_argument("--span-export", choices=("process", "thread"), default="thread")
+    parser.add_argument("--b-tree", type=Path, help="also run traced workers from this checkout (mode on_b)")
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
@@ -218,12 +232,18 @@ def main() -> None:
                 "OTEL_TRACES_SAMPLER_ARG": str(args.ratio),
             }
         sampling = "every run sampled" if args.ratio is None else f"{args.ratio:.0%} of runs sampled"
-        prefixes = {mode: f"tr{mode}{uuid.uuid4().hex[:6]}" for mode in ("off", "on")}
+        modes = ("off", "on", "on_b") if args.b_tree else ("off", "on")
+        prefixes = {mode: f"tr{mode.replace('_', '')}{uuid.uuid4().hex[:6]}" for mode in modes}
         with (
             workers(server.url, prefixes["off"], {"OTEL_TRACES_EXPORTER": "none"}) as plain,
             workers(server.url, prefixes["on"], traced) as traced_pids,
+            contextlib.ExitStack() as more,
         ):
             pids = {"off": plain, "on": traced_pids}
+            if args.b_tree:
+                pids["on_b"] = more.enter_context(
+                    workers(server.url, prefixes["on_b"], traced, root=args.b_tree.resolve())
+                )
             shared = {"server": server.pid or 0, "receiver": sink_pid, "client": os.getpid()}
             samples, cpu = run(
                 chain_batches(server.url, prefixes, pids, shared, args.batches, args.runs, args.warmup)
@@ -232,12 +252,9 @@ def main() -> None:
     every = {mode: [ms for batch in batches for ms in batch] for mode, batches in samples.items()}
     off, on = statistics.median(every["off"]), statistics.median(every["on"])
     # Each batch of traced runs against the untraced batch beside it: drift cancels out in the pair.
-    paired = [
-        statistics.median(traced) / statistics.median(plain)
-        for traced, plain in zip(samples["on"], samples["off"], strict=True)
-    ]
-    runs_traced = args.batches * args.runs + args.warmup
-    line = {
+    paired = _paired(samples["on"], samples["off"])
+    runs_traced = (args.batches * args.runs + args.warmup) * (len(modes) - 1)
+    line: dict[str, Any] = {
         "system": "flow-orchestrator",
         "workload": "W1 chain20 tracing overhead",
         "per_step_ms_tracing_off": round(off / STEPS, 3),
@@ -259,6 +276,7 @@ def main() -> None:
         "spans_received": counts["spans"],
         "traces_received": counts["traces"],
         "runs_traced": runs_traced,
+        **(_b_figures(samples, args.b_tree) if args.b_tree else {}),
         "notes": (
             f"1 server, replicas=1, file storage, 2 worker processes per mode (flowctl worker), "
             f"{event_loop_name()}; {sampling}, span export: {args.span_export}, OTLP/HTTP "
@@ -267,6 +285,27 @@ def main() -> None:
         ),
     }
     print(json.dumps(line))
+
+
+def _paired(a: list[list[float]], b: list[list[float]]) -> list[float]:
+    """Each batch of ``a`` against the batch of ``b`` beside it: drift cancels out in the pair."""
+    return [statistics.median(x) / statistics.median(y) for x, y in zip(a, b, strict=True)]
+
+
+def _b_figures(samples: dict[str, list[list[float]]], b_tree: Path) -> dict[str, Any]:
+    """The B tree's traced workers against the untraced ones and against A's traced ones."""
+    on_b = statistics.median(ms for batch in samples["on_b"] for ms in batch)
+    off = statistics.median(ms for batch in samples["off"] for ms in batch)
+    b_over_a = _paired(samples["on_b"], samples["on"])
+    b_over_off = statistics.median(_paired(samples["on_b"], samples["off"]))
+    return {
+        "b_tree": b_tree.name,
+        "per_step_ms_tracing_on_b": round(on_b / STEPS, 3),
+        "overhead_pct_b": round((on_b - off) / off * 100, 1),
+        "paired_overhead_pct_b": round((b_over_off - 1) * 100, 1),
+        "b_over_a_paired": round(statistics.median(b_over_a), 4),
+        "b_over_a_quartiles": [round(q, 4) for q in statistics.quantiles(b_over_a, n=4)],
+    }
 
 
 if __name__ == "__main__":
