@@ -856,8 +856,20 @@ async def test_a_run_with_nothing_to_run_again_is_refused_and_stays_failed(env_f
     handle = await env.client.start("nothingleft", {})
     with pytest.raises(RunFailed, match="results cannot be stored"):
         await handle.result()
+    retrying = asyncio.create_task(handle.retry())
+
+    async def reopened() -> bool:
+        record = await env.client.store.get(env.names.run_key(handle.run_id))
+        return record is not None and record.value["status"] == "running"
+
+    await eventually(reopened, within=10, interval=0.01)
+    # A client that waits on the run while it is reopened used to wait for good.
+    waiting = asyncio.create_task(handle.result())
     with pytest.raises(RunNotRetryable, match="no node to run again"):
-        await handle.retry()
+        await retrying
+    async with asyncio.timeout(10):
+        with pytest.raises(RunFailed, match="results cannot be stored"):
+            await waiting
     record = await env.client.store.get(env.names.run_key(handle.run_id))
     assert record is not None
     assert record.value["status"] == "failed"

@@ -19,7 +19,7 @@ from flow_orchestrator._errors import FlowError, UnencodableValue
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._faults import crash_point
-from flow_orchestrator.actors._system import ActorSystem, epoch_of_record
+from flow_orchestrator.actors._system import ActorSystem, end_event, epoch_of_record
 from flow_orchestrator.bus._codec import decode_event
 from flow_orchestrator.bus._propagation import carried_headers, epoch_of, trace_headers
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
@@ -226,21 +226,9 @@ class SupervisorActor(Actor):
             record = current.value if current else None
         if record is None or record.get("status") == _RUNNING:
             return
-        status = record["status"]
-        body: dict[str, Any] = {
-            "created_at": record.get("created_at"),
-            "finished_at": record.get("finished_at"),
-            "attempts_lost": record.get("attempts_lost", 0),
-        }
-        if status == RunStatus.COMPLETED.value:
-            body["results"] = record.get("results")
-        else:
-            body["error"] = record.get("error")
+        body, msg_id = end_event(run_id, record)
         headers = {**trace, **trace_headers(record.get("trace"))}
-        # A retried run can end again: each of its ends is a message of its own.
-        epoch = epoch_of_record(record)
-        msg_id = f"{run_id}.run.{status}" + (f".{epoch}" if epoch else "")
-        subject = self._run_subject(run_id, status)
+        subject = self._run_subject(run_id, record["status"])
         try:
             await self.system.emit(subject, body, msg_id=msg_id, headers=headers)
         except UnencodableValue:

@@ -46,6 +46,23 @@ def epoch_of_record(record: dict[str, Any]) -> int:
     return len(resumed) if isinstance(resumed, list) else 0
 
 
+def end_event(run_id: str, record: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The body and message id of the terminal event of a run whose record says it ended. A retried
+    run can end again: each of its ends is a message of its own."""
+    status = record["status"]
+    body: dict[str, Any] = {
+        "created_at": record.get("created_at"),
+        "finished_at": record.get("finished_at"),
+        "attempts_lost": record.get("attempts_lost", 0),
+    }
+    if status == "completed":
+        body["results"] = record.get("results")
+    else:
+        body["error"] = record.get("error")
+    epoch = epoch_of_record(record)
+    return body, f"{run_id}.run.{status}" + (f".{epoch}" if epoch else "")
+
+
 class RunGate:
     """Which runs this worker knows to be closed (failed or cancelled), so no new attempt starts for
     them, and which attempt tasks to cancel when a run is cancelled. Bounded, best-effort cache fed by

@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from flow_orchestrator._errors import FlowError, StateConflict
-from flow_orchestrator.actors._system import epoch_of_record
+from flow_orchestrator.actors._system import end_event, epoch_of_record
 from flow_orchestrator.bus._codec import encode
 from flow_orchestrator.bus._kv import StateStore, Versioned
 from flow_orchestrator.bus._propagation import EPOCH_HEADER
@@ -263,7 +263,14 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
     done = _retry_entry(run_id, epoch, lambda entry: {**entry, "done": True})
     if not chosen:
         await store.mutate(key, done)
-        await _fail_again(store, key, record, epoch)
+        failed = await _fail_again(store, key, record, epoch)
+        if failed is not None:  # a client that waits on the reopened run learns that it failed again
+            event, msg_id = end_event(run_id, failed)
+            await js.publish(
+                names.run_event(workflow, run_id, RunStatus.FAILED.value),
+                encode(event),
+                headers={**trace, "Nats-Msg-Id": msg_id},
+            )
         raise RunNotRetryable(
             f"run {run_id!r} has no node to run again (its nodes completed): it failed because "
             f"{last.get('after') or 'of an error after its nodes'}"
@@ -297,8 +304,11 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
     return list(attempts)
 
 
-async def _fail_again(store: StateStore, key: str, record: dict[str, Any], epoch: int) -> None:
-    """Put back the failure a retry with nothing to run reopened."""
+async def _fail_again(
+    store: StateStore, key: str, record: dict[str, Any], epoch: int
+) -> dict[str, Any] | None:
+    """Put back the failure a retry with nothing to run reopened; the record so failed (None: the
+    run had changed meanwhile)."""
     after = _last_retry(record).get("after")
 
     def fail(current: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -308,4 +318,5 @@ async def _fail_again(store: StateStore, key: str, record: dict[str, Any], epoch
             return None
         return {**current, "status": RunStatus.FAILED.value, "error": after, "finished_at": time.time()}
 
-    await store.mutate(key, fail)
+    written, _ = await store.mutate(key, fail)
+    return written
