@@ -839,10 +839,10 @@ async def test_a_second_retry_while_one_is_under_way_is_refused(
     assert calls == {"only": [1, 2]}
 
 
-async def test_a_run_with_nothing_to_run_again_is_refused_and_stays_failed(env_factory: Any) -> None:
-    """Its nodes all completed; it failed because its results do not fit its record. Retrying used
-    to reopen it with nothing to run, running for good."""
-    wf = Workflow("nothingleft")
+def _two_big_sinks(name: str, late: asyncio.Event | None = None) -> Workflow:
+    """Two sinks of 600 KB each: either fits in the run record, both together do not. ``late``
+    holds the second until it is set; a third node, ``bad``, fails at once when ``late`` is given."""
+    wf = Workflow(name)
 
     @wf.node()
     async def left(ctx: NodeContext) -> str:
@@ -850,30 +850,102 @@ async def test_a_run_with_nothing_to_run_again_is_refused_and_stays_failed(env_f
 
     @wf.node()
     async def right(ctx: NodeContext) -> str:
+        if late is not None:
+            await late.wait()
         return "z" * 600_000
 
-    env: LocalEnvironment = await env_factory([wf])
+    if late is not None:
+
+        @wf.node()
+        async def bad(ctx: NodeContext) -> None:
+            raise NonRetryableError("bad broke")
+
+    return wf
+
+
+async def _record_of(env: LocalEnvironment, handle: Any) -> dict[str, Any]:
+    record = await env.client.store.get(env.names.run_key(handle.run_id))
+    assert record is not None
+    return dict(record.value)
+
+
+async def _marked(env: LocalEnvironment, handle: Any) -> bool:
+    """Whether the failed run's record says a sink's result does not fit it."""
+    return bool((await _record_of(env, handle)).get("unstorable"))
+
+
+async def test_a_run_whose_results_do_not_fit_its_record_is_not_retried(env_factory: Any) -> None:
+    """Its nodes all completed; it failed because its results do not fit its record. Retrying used
+    to reopen it with nothing to run, running for good."""
+    env: LocalEnvironment = await env_factory([_two_big_sinks("nothingleft")])
     handle = await env.client.start("nothingleft", {})
     with pytest.raises(RunFailed, match="results cannot be stored"):
         await handle.result()
+    await eventually(lambda: _marked(env, handle), message="the record marked")
+    with pytest.raises(RunNotRetryable, match="does not fit its record"):
+        await handle.retry()
+    record = await _record_of(env, handle)
+    assert record["status"] == "failed"
+    assert "results cannot be stored" in record["error"]["message"]
+    assert not record.get("resumed")  # refused before reopening it
+
+
+async def test_a_sink_result_that_comes_too_large_while_the_run_is_failed_refuses_the_retry(
+    env_factory: Any,
+) -> None:
+    """``bad`` fails the run; ``right`` completes afterwards, and its result does not fit beside
+    ``left``'s. It used to be dropped: a retry ran ``bad`` again, and then the run waited for good for
+    a result it would never have."""
+    late = asyncio.Event()
+    env: LocalEnvironment = await env_factory([_two_big_sinks("failedbig", late)])
+    handle = await env.client.start("failedbig", {})
+    with pytest.raises(RunFailed, match="bad broke"):
+        await handle.result()
+    await eventually(lambda: _recorded(env, handle, "left", "completed"))
+    late.set()
+    await eventually(lambda: _recorded(env, handle, "right", "completed"))
+    await eventually(lambda: _marked(env, handle), message="the record marked")
+    with pytest.raises(RunNotRetryable, match="'right' does not fit its record"):
+        await handle.retry()
+    record = await _record_of(env, handle)
+    assert record["status"] == "failed"
+    assert record["error"]["message"] == "bad broke"  # the run's failure is still its own
+
+
+async def test_a_retry_with_nothing_to_run_wakes_who_waits_on_the_run(env_factory: Any) -> None:
+    """A run that failed with every node completed and no mark saying why (an engine from before the
+    mark): the retry reopens it, finds nothing to run, and puts it back to failed. A client that
+    began waiting on it meanwhile used to wait for good."""
+    env: LocalEnvironment = await env_factory([_two_big_sinks("nothingleft")])
+    handle = await env.client.start("nothingleft", {})
+    with pytest.raises(RunFailed, match="results cannot be stored"):
+        await handle.result()
+    key = env.names.run_key(handle.run_id)
+
+    async def unmark() -> bool:
+        current = await env.client.store.get(key)
+        assert current is not None
+        if not current.value.get("unstorable"):
+            return False
+        await env.client.store.update(key, {**current.value, "unstorable": None}, current.revision)
+        return True
+
+    await eventually(unmark, message="the record marked")
     retrying = asyncio.create_task(handle.retry())
 
     async def reopened() -> bool:
-        record = await env.client.store.get(env.names.run_key(handle.run_id))
-        return record is not None and record.value["status"] == "running"
+        return (await _record_of(env, handle))["status"] == "running"
 
     await eventually(reopened, within=10, interval=0.01)
-    # A client that waits on the run while it is reopened used to wait for good.
     waiting = asyncio.create_task(handle.result())
     with pytest.raises(RunNotRetryable, match="no node to run again"):
         await retrying
     async with asyncio.timeout(10):
         with pytest.raises(RunFailed, match="results cannot be stored"):
             await waiting
-    record = await env.client.store.get(env.names.run_key(handle.run_id))
-    assert record is not None
-    assert record.value["status"] == "failed"
-    assert "results cannot be stored" in record.value["error"]["message"]
+    record = await _record_of(env, handle)
+    assert record["status"] == "failed"
+    assert "results cannot be stored" in record["error"]["message"]
 
 
 async def test_a_join_whose_upstream_outputs_are_large_can_be_retried(env_factory: Any) -> None:

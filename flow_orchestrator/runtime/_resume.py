@@ -62,6 +62,12 @@ def _check_failed(run_id: str, current: Versioned | None) -> dict[str, Any]:
     if current is None or current.value.get("status") != RunStatus.FAILED.value:
         status = current.value.get("status") if current else "missing"
         raise RunNotRetryable(f"run {run_id!r} is {status}; only a failed run can be retried")
+    unstorable = current.value.get("unstorable")
+    if isinstance(unstorable, dict):  # a sink's result the record could not keep: no retry completes it
+        raise RunNotRetryable(
+            f"run {run_id!r} cannot complete, so it is not retried: the result of its node "
+            f"{unstorable.get('node')!r} does not fit its record ({unstorable.get('message')})"
+        )
     return dict(current.value)
 
 
