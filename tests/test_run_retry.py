@@ -24,6 +24,7 @@ from flow_orchestrator import (
 )
 from flow_orchestrator.actors._node import NodeActor
 from flow_orchestrator.actors._supervisor import SupervisorActor
+from flow_orchestrator.bus._dlq import Letter
 from flow_orchestrator.bus._reader import ReadFailed
 from flow_orchestrator.runtime import _resume
 from flow_orchestrator.runtime._resume import RetryInterrupted, RunNotRetryable
@@ -1017,3 +1018,47 @@ async def test_a_worker_started_after_the_failure_takes_a_held_message_during_th
         assert await handle.result() == {"fragile": 2, "after": 11}
     await asyncio.sleep(1.0)  # a second start of after, if any, has begun by now
     assert calls == {"fragile": [1, 2], "after": [1]}
+
+
+async def test_a_dead_letter_report_from_before_the_retry_does_not_fail_the_retried_run(
+    env_factory: Any,
+) -> None:
+    """A delivery dead-lettered before the retry reports its node's attempt as failed with attempt
+    0. Reaching the supervisor after a retry issued that node a later attempt, it is stale, like a
+    late report of any older attempt; it used to fail the retried run (0 read as "no attempt")."""
+    wf = Workflow("stale0")
+    calls, count = _counter()
+    release = asyncio.Event()
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> int:
+        count(ctx)
+        if ctx.attempt == 1:
+            raise NonRetryableError("x broke")
+        await release.wait()
+        return 7
+
+    env: LocalEnvironment = await env_factory([wf])
+    [worker] = env.workers
+    assert worker.system is not None
+    handle = await env.client.start("stale0", {})
+    with pytest.raises(RunFailed, match="x broke"):
+        await handle.result()
+    assert await handle.retry() == ["x"]
+    await eventually(lambda: calls.get("x") == [1, 2])
+    # What give_up() sends for a message of x's from before the retry (no epoch on its headers).
+    letter = Letter(env.names.run_event("stale0", handle.run_id, "started"), {}, b"")
+    await worker.system._fail_waiting_node("stale0", "x", letter=letter, reason="a test's poison")
+    js, stream = env.client.bus.js, env.names.events_stream
+
+    async def handled() -> bool:
+        journal = await env.client.journal(handle.run_id, "stale0")
+        reports = [e for e in journal if e["kind"] == "attempt_failed"]
+        info = await js.consumer_info(stream, env.names.supervisor_consumer("stale0"))
+        return len(reports) == 2 and info.num_pending == 0 and info.num_ack_pending == 0
+
+    await eventually(handled, message="the supervisor took the report")
+    assert (await _record_of(env, handle))["status"] == "running"
+    release.set()
+    async with asyncio.timeout(15):
+        assert await handle.result() == 7
