@@ -191,8 +191,7 @@ def worker_processes(
     block on a full pipe in the middle of a measurement. The files are removed afterwards unless a
     worker printed a traceback. ``options`` are further ``Worker`` arguments, ``KEY=VALUE`` each;
     ``root`` runs the workers from another checkout of the repository (its engine and its bench)."""
-    path = os.pathsep.join([str(root or ROOT), os.environ.get("PYTHONPATH", "")])
-    child_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
+    tree, child_env = checkout_env(root or ROOT, env)
     args = [sys.executable, "-m", "bench._worker", url, target, prefix, "--replicas", str(replicas)]
     if concurrency is not None:
         args += ["--concurrency", str(concurrency)]
@@ -205,7 +204,7 @@ def worker_processes(
     for i in range(count):
         log = logs / f"worker{i}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(args, env=child_env, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(args, env=child_env, cwd=tree, stdout=out, stderr=subprocess.STDOUT)
         workers.append(WorkerProcess(proc, log))
     try:
         for worker in workers:
@@ -223,6 +222,29 @@ def worker_processes(
                 worker.proc.wait()
         if not any(worker.log_errors() for worker in workers):
             shutil.rmtree(logs, ignore_errors=True)  # kept when a worker reported errors
+
+
+def checkout_env(root: Path, env: dict[str, str] | None = None) -> tuple[Path, dict[str, str]]:
+    """The directory and environment in which a ``python -m`` child runs ``root``'s engine and bench.
+
+    The child must start in ``root``: ``-m`` puts the working directory first on ``sys.path``,
+    ahead of ``PYTHONPATH``, so a child started here would import this checkout's engine whatever
+    the path said (every ``--b-tree`` comparison before this check compared an engine with itself).
+    A child of the same environment says which engine it imports, before any is trusted."""
+    tree = root.resolve()
+    path = os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])
+    child_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
+    found = subprocess.run(
+        [sys.executable, "-c", "import flow_orchestrator; print(flow_orchestrator.__file__)"],
+        env=child_env,
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(found).resolve().is_relative_to(tree):
+        raise RuntimeError(f"workers meant to run the engine of {tree} would import {found}")
+    return tree, child_env
 
 
 def _wait_ready(worker: WorkerProcess, timeout: float) -> None:

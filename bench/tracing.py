@@ -38,7 +38,16 @@ from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from bench._harness import ROOT, cpu_seconds, embedded_server, event_loop_name, load1, percentile, run
+from bench._harness import (
+    ROOT,
+    checkout_env,
+    cpu_seconds,
+    embedded_server,
+    event_loop_name,
+    load1,
+    percentile,
+    run,
+)
 from flow_orchestrator import Client
 from flow_orchestrator.testing import eventually
 
@@ -114,11 +123,7 @@ def workers(
     url: str, prefix: str, env: dict[str, str], count: int = 2, root: Path = ROOT
 ) -> Iterator[list[int]]:
     logs = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
-    child_env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-        **env,
-    }
+    tree, child_env = checkout_env(root, env)
     command = [
         sys.executable,
         "-m",
@@ -135,7 +140,9 @@ def workers(
     procs = []
     for i in range(count):
         with (logs / f"worker-{i}.log").open("wb") as log:
-            procs.append(subprocess.Popen(command, env=child_env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(command, env=child_env, cwd=tree, stdout=log, stderr=subprocess.STDOUT)
+            )
     try:
         yield [proc.pid for proc in procs]
     finally:
