@@ -24,6 +24,7 @@ from flow_orchestrator import (
 )
 from flow_orchestrator.actors._node import NodeActor
 from flow_orchestrator.actors._supervisor import SupervisorActor
+from flow_orchestrator.bus._codec import encode
 from flow_orchestrator.bus._dlq import Letter
 from flow_orchestrator.bus._reader import ReadFailed
 from flow_orchestrator.runtime import _resume
@@ -871,8 +872,19 @@ async def _record_of(env: LocalEnvironment, handle: Any) -> dict[str, Any]:
 
 
 async def _marked(env: LocalEnvironment, handle: Any) -> bool:
-    """Whether the failed run's record says a sink's result does not fit it."""
-    return bool((await _record_of(env, handle)).get("unstorable"))
+    """Whether the run is marked: one of its sinks' results does not fit its record."""
+    return await env.client.store.get(env.names.unstorable_key(handle.run_id)) is not None
+
+
+async def _failed_with_nothing_to_run(env: LocalEnvironment, name: str) -> Any:
+    """A run of ``_two_big_sinks(name)`` failed with every node completed and without the mark that
+    refuses its retry (as an engine from before the mark leaves it)."""
+    handle = await env.client.start(name, {})
+    with pytest.raises(RunFailed, match="results cannot be stored"):
+        await handle.result()
+    await eventually(lambda: _marked(env, handle), message="the run marked")
+    await env.client.store.delete(env.names.unstorable_key(handle.run_id))
+    return handle
 
 
 async def test_a_run_whose_results_do_not_fit_its_record_is_not_retried(env_factory: Any) -> None:
@@ -914,24 +926,10 @@ async def test_a_sink_result_that_comes_too_large_while_the_run_is_failed_refuse
 
 
 async def test_a_retry_with_nothing_to_run_wakes_who_waits_on_the_run(env_factory: Any) -> None:
-    """A run that failed with every node completed and no mark saying why (an engine from before the
-    mark): the retry reopens it, finds nothing to run, and puts it back to failed. A client that
+    """The retry reopens such a run, finds nothing to run, and puts it back to failed. A client that
     began waiting on it meanwhile used to wait for good."""
     env: LocalEnvironment = await env_factory([_two_big_sinks("nothingleft")])
-    handle = await env.client.start("nothingleft", {})
-    with pytest.raises(RunFailed, match="results cannot be stored"):
-        await handle.result()
-    key = env.names.run_key(handle.run_id)
-
-    async def unmark() -> bool:
-        current = await env.client.store.get(key)
-        assert current is not None
-        if not current.value.get("unstorable"):
-            return False
-        await env.client.store.update(key, {**current.value, "unstorable": None}, current.revision)
-        return True
-
-    await eventually(unmark, message="the record marked")
+    handle = await _failed_with_nothing_to_run(env, "nothingleft")
     retrying = asyncio.create_task(handle.retry())
 
     async def reopened() -> bool:
@@ -946,7 +944,114 @@ async def test_a_retry_with_nothing_to_run_wakes_who_waits_on_the_run(env_factor
             await waiting
     record = await _record_of(env, handle)
     assert record["status"] == "failed"
+    assert record["resumed"][-1]["done"]
     assert "results cannot be stored" in record["error"]["message"]
+
+
+async def test_a_retry_with_nothing_to_run_that_stops_halfway_is_finished_by_the_next(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Putting the run back to failed fails once (a KV timeout). The retry used to mark itself done
+    first, in a write of its own: the run then stayed running for good, since a done retry is not
+    finished again and a running run is not retried."""
+    env: LocalEnvironment = await env_factory([_two_big_sinks("halfnothing")])
+    handle = await _failed_with_nothing_to_run(env, "halfnothing")
+    store, failures = env.client.store, []
+    real = store.mutate
+
+    async def fails_once(key: str, change: Any, **options: Any) -> Any:
+        current, new = await store.get(key), None
+        with contextlib.suppress(Exception):  # (a change may refuse: the real write says so)
+            new = change(current.value if current else None)
+        if not failures and new is not None and new.get("status") == "failed":
+            failures.append(key)  # the write that puts the run back to failed
+            raise nats.errors.TimeoutError
+        return await real(key, change, **options)
+
+    monkeypatch.setattr(store, "mutate", fails_once)
+    with pytest.raises(RetryInterrupted):
+        await handle.retry()
+    assert (await _record_of(env, handle))["status"] == "running"
+    with pytest.raises(RunNotRetryable, match="no node to run again"):
+        await handle.retry()
+    record = await _record_of(env, handle)
+    assert record["status"] == "failed"
+    assert record["resumed"][-1]["done"]
+    async with asyncio.timeout(10):
+        with pytest.raises(RunFailed, match="results cannot be stored"):
+            await handle.result()
+
+
+async def test_the_failed_event_of_a_retry_with_nothing_to_run_is_published_again_if_it_fails(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing else would publish it: a client waiting on the reopened run would wait for good."""
+    env: LocalEnvironment = await env_factory([_two_big_sinks("lostend")])
+    handle = await _failed_with_nothing_to_run(env, "lostend")
+    js, real, failures = env.client.bus.js, env.client.bus.js.publish, []
+
+    async def publish(subject: str, *args: Any, **options: Any) -> Any:
+        if subject.endswith("._run.failed") and not failures:
+            failures.append(subject)
+            raise nats.errors.TimeoutError
+        return await real(subject, *args, **options)
+
+    monkeypatch.setattr(js, "publish", publish)
+    retrying = asyncio.create_task(handle.retry())
+
+    async def reopened() -> bool:
+        return (await _record_of(env, handle))["status"] == "running"
+
+    await eventually(reopened, within=10, interval=0.01)
+    waiting = asyncio.create_task(handle.result())
+    with pytest.raises(RunNotRetryable, match="no node to run again"):
+        await retrying
+    assert failures
+    async with asyncio.timeout(10):
+        with pytest.raises(RunFailed, match="results cannot be stored"):
+            await waiting
+
+
+async def test_the_mark_fits_however_full_the_failed_record_is(env_factory: Any) -> None:
+    """The failed record is within 180 bytes of the server's limit when ``right``'s result comes
+    late: a mark in the record itself would not have fitted, and the retry would have run ``bad``
+    again and then waited for ``right``'s result for good."""
+    late = asyncio.Event()
+    wf = Workflow("fullrecord")
+
+    @wf.node()
+    async def left(ctx: NodeContext) -> str:
+        return "y" * int(ctx.input["n"])
+
+    @wf.node()
+    async def right(ctx: NodeContext) -> str:
+        await late.wait()
+        return "z" * 600_000
+
+    @wf.node()
+    async def bad(ctx: NodeContext) -> None:
+        raise NonRetryableError("bad broke")
+
+    env: LocalEnvironment = await env_factory([wf])
+
+    async def failed_with_left(n: int) -> tuple[Any, int]:
+        handle = await env.client.start("fullrecord", {"n": n})
+        with pytest.raises(RunFailed, match="bad broke"):
+            await handle.result()
+
+        async def left_kept() -> bool:
+            return "left" in ((await _record_of(env, handle)).get("results") or {})
+
+        await eventually(left_kept, message="left's result kept")
+        return handle, len(encode(await _record_of(env, handle)))
+
+    _, size = await failed_with_left(400_000)
+    handle, size = await failed_with_left(400_000 + env.client.bus.nc.max_payload - size - 180)
+    assert env.client.bus.nc.max_payload - 200 < size < env.client.bus.nc.max_payload
+    late.set()
+    await eventually(lambda: _marked(env, handle), message="the run marked")
+    with pytest.raises(RunNotRetryable, match="'right' does not fit its record"):
+        await handle.retry()
 
 
 async def test_a_join_whose_upstream_outputs_are_large_can_be_retried(env_factory: Any) -> None:

@@ -9,14 +9,14 @@ at once (fail-fast). Every run-level change is a compare-and-set on the run reco
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import logging
 import time
 from typing import Any
 
 from nats.aio.msg import Msg
 
-from flow_orchestrator._errors import FlowError, UnencodableValue
+from flow_orchestrator._errors import FlowError, StateConflict, UnencodableValue
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import Actor, ConsumerSpec
 from flow_orchestrator.actors._faults import crash_point
@@ -26,8 +26,6 @@ from flow_orchestrator.bus._propagation import carried_headers, epoch_of, trace_
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.runtime._status import RunStatus
 from flow_orchestrator.runtime._workflow import WorkflowDefinition
-
-log = logging.getLogger("flow_orchestrator.actors")
 
 SCHEDULE = "Nats-Schedule"
 SCHEDULE_TARGET = "Nats-Schedule-Target"
@@ -196,27 +194,21 @@ class SupervisorActor(Actor):
             written, _ = await self.system.store.mutate(Names.run_key(run_id), resolve)
         except UnencodableValue as exc:  # the results do not fit in the run record: the run cannot end well
             error = {"type": "UnencodableValue", "message": f"the run's results cannot be stored: {exc}"}
-            await self._fail_run(run_id, sink, error, trace)
             await self._mark_unstorable(run_id, sink, error)
+            await self._fail_run(run_id, sink, error, trace)
             return
         if written is None or written["status"] == RunStatus.COMPLETED.value:
             await self._announce_end(run_id, written, trace)
 
     async def _mark_unstorable(self, run_id: str, sink: str, error: dict[str, Any]) -> None:
-        """Keep in the failed run's record that ``sink``'s result does not fit it. The result is not
-        kept, and the sink, completed, is never run again: a retry could never complete the run, and
-        is refused (it used to run the rest and then wait for that result for good)."""
+        """Keep that ``sink``'s result does not fit the run's record, in a key of its own (so that it
+        always fits), before the run is failed for it. The result is not kept and the sink,
+        completed, never runs again: no retry could complete the run, and ``flowctl retry`` refuses
+        it (it used to run the rest and then wait for that result for good). Written first: a retry
+        that reopened the run before it sees no mark, but the failure that follows ends that run."""
         info = {"node": sink, "type": error["type"], "message": error["message"]}
-
-        def mark(current: dict[str, Any] | None) -> dict[str, Any] | None:
-            if current is None or current.get("status") != _FAILED or current.get("unstorable"):
-                return None
-            return {**current, "unstorable": info}
-
-        try:
-            await self.system.store.mutate(Names.run_key(run_id), mark)
-        except UnencodableValue:  # a record within bytes of the limit: a retry finds nothing to run
-            log.warning("run %s: its record has no room to say that %s's result does not fit", run_id, sink)
+        with contextlib.suppress(StateConflict):  # a redelivery, or another sink's result
+            await self.system.store.create(Names.unstorable_key(run_id), info)
 
     async def _cancel(self, run_id: str, payload: dict[str, Any], trace: dict[str, str]) -> None:
         def cancel(current: dict[str, Any] | None) -> dict[str, Any] | None:

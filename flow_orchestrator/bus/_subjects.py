@@ -122,6 +122,12 @@ class Names:
         return f"join.{run_id}.{node}"
 
     @staticmethod
+    def unstorable_key(run_id: str) -> str:
+        """Which sink's result did not fit in the run's record (written once; ``flowctl retry`` then
+        refuses the run: the sink, completed, never runs again, so the run could never complete)."""
+        return f"unstorable.{run_id}"
+
+    @staticmethod
     def claim_key(run_id: str, node: str, epoch: int) -> str:
         """Who starts ``node`` first after a run's ``epoch``-th ``flowctl retry`` (see ``_resume.py``)."""
         return f"claim.{run_id}.{node}.{epoch}"

@@ -62,13 +62,18 @@ def _check_failed(run_id: str, current: Versioned | None) -> dict[str, Any]:
     if current is None or current.value.get("status") != RunStatus.FAILED.value:
         status = current.value.get("status") if current else "missing"
         raise RunNotRetryable(f"run {run_id!r} is {status}; only a failed run can be retried")
-    unstorable = current.value.get("unstorable")
-    if isinstance(unstorable, dict):  # a sink's result the record could not keep: no retry completes it
+    return dict(current.value)
+
+
+async def _refuse_unstorable(store: StateStore, run_id: str) -> None:
+    """Refuse a run one of whose sinks' results did not fit its record: no retry could complete it
+    (the sink, completed, never runs again)."""
+    found = await store.get(Names.unstorable_key(run_id))
+    if found is not None and isinstance(found.value, dict):
         raise RunNotRetryable(
             f"run {run_id!r} cannot complete, so it is not retried: the result of its node "
-            f"{unstorable.get('node')!r} does not fit its record ({unstorable.get('message')})"
+            f"{found.value.get('node')!r} does not fit its record ({found.value.get('message')})"
         )
-    return dict(current.value)
 
 
 async def _failed_record(store: StateStore, run_id: str) -> dict[str, Any]:
@@ -199,6 +204,7 @@ async def _reopen(store: StateStore, run_id: str, settle: float) -> tuple[dict[s
     """Wait for a recent failure to settle, then set the failed run running again, one epoch on."""
     key = Names.run_key(run_id)
     record = await _failed_record(store, run_id)
+    await _refuse_unstorable(store, run_id)
     failed_at = record.get("finished_at")
     # The failure time is a worker's clock, now is ours: a recent failure (allowing for some skew
     # between the two) waits the whole ``settle``.
@@ -206,6 +212,9 @@ async def _reopen(store: StateStore, run_id: str, settle: float) -> tuple[dict[s
         await asyncio.sleep(settle)
     current = await store.get(key)  # again: the record may have changed meanwhile (a sink's result)
     record = _check_failed(run_id, current)
+    # Again too. A mark written after this read comes before the failure the supervisor then writes:
+    # that write changes the record (the update below fails), or fails the run this reopens.
+    await _refuse_unstorable(store, run_id)
     epoch = epoch_of_record(record) + 1
     reopened = {
         **record,
@@ -264,23 +273,15 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
         attempts = {node: (views[node].attempts if node in views else 0) + 1 for node in chosen}
     chosen = list(attempts)  # (empty: nothing to run again)
 
-    # The retry's entry names the attempts it issues: a failure reported by an older attempt of one
-    # of them, which the supervisor may take late, must not fail the run again.
-    done = _retry_entry(run_id, epoch, lambda entry: {**entry, "done": True})
     if not chosen:
-        await store.mutate(key, done)
-        failed = await _fail_again(store, key, record, epoch)
-        if failed is not None:  # a client that waits on the reopened run learns that it failed again
-            event, msg_id = end_event(run_id, failed)
-            await js.publish(
-                names.run_event(workflow, run_id, RunStatus.FAILED.value),
-                encode(event),
-                headers={**trace, "Nats-Msg-Id": msg_id},
-            )
+        failed = await _fail_again(store, run_id, record, epoch)
+        await _announce_failed_again(js, names, run_id, workflow, failed, trace)
         raise RunNotRetryable(
             f"run {run_id!r} has no node to run again (its nodes completed): it failed because "
             f"{last.get('after') or 'of an error after its nodes'}"
         )
+    # The retry's entry names the attempts it issues: a failure reported by an older attempt of one
+    # of them, which the supervisor may take late, must not fail the run again.
     if not isinstance(noted, dict):
         # Noted once: another retry finishing this one must not overwrite what went out, and what
         # is noted is what goes out.
@@ -306,23 +307,54 @@ async def _issue(  # noqa: PLR0917 (one call site, each argument named there)
             encode(body),
             headers={**trace, "Nats-Msg-Id": f"{run_id}.{node}.{attempt}.resume.{epoch}"},
         )
-    await store.mutate(key, done)
+    await store.mutate(key, _retry_entry(run_id, epoch, lambda entry: {**entry, "done": True}))
     return list(attempts)
 
 
-async def _fail_again(
-    store: StateStore, key: str, record: dict[str, Any], epoch: int
-) -> dict[str, Any] | None:
-    """Put back the failure a retry with nothing to run reopened; the record so failed (None: the
-    run had changed meanwhile)."""
+async def _fail_again(store: StateStore, run_id: str, record: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """Put back the failure a retry with nothing to run reopened, marking the retry done in the same
+    write (two writes left the run running for good when the second failed: a done retry is not
+    finished again, and a running run is not retried). The record so failed."""
     after = _last_retry(record).get("after")
 
     def fail(current: dict[str, Any] | None) -> dict[str, Any] | None:
         if current is None or current.get("status") != RunStatus.RUNNING.value:
-            return None
+            status = current.get("status") if current else "missing"
+            raise RunNotRetryable(f"run {run_id!r} is {status} again; its retry stopped")
         if epoch_of_record(current) != epoch:
-            return None
-        return {**current, "status": RunStatus.FAILED.value, "error": after, "finished_at": time.time()}
+            raise RunNotRetryable(f"run {run_id!r} was retried again meanwhile")
+        resumed = list(current["resumed"])
+        resumed[-1] = {**resumed[-1], "done": True}
+        return {
+            **current,
+            "resumed": resumed,
+            "status": RunStatus.FAILED.value,
+            "error": after,
+            "finished_at": time.time(),
+        }
 
-    written, _ = await store.mutate(key, fail)
+    written, _ = await store.mutate(Names.run_key(run_id), fail)
+    assert written is not None  # fail() writes or raises
     return written
+
+
+async def _announce_failed_again(  # noqa: PLR0917 (one call site, each argument named there)
+    js: Any, names: Names, run_id: str, workflow: str, record: dict[str, Any], trace: dict[str, str]
+) -> None:
+    """Publish the failed event of a run a retry put back to failed: a client that began waiting on
+    it while it was reopened learns that it failed again. Nothing would publish it later, so a
+    failing publish is tried again before the retry reports it."""
+    event, msg_id = end_event(run_id, record)
+    subject = names.run_event(workflow, run_id, RunStatus.FAILED.value)
+    for delay in (0.2, 0.5, None):
+        try:
+            await js.publish(subject, encode(event), headers={**trace, "Nats-Msg-Id": msg_id})
+            return
+        except Exception as exc:  # a timeout, a lost connection
+            if delay is None:
+                raise RunNotRetryable(
+                    f"run {run_id!r} has no node to run again and is failed again, but its failed "
+                    f"event could not be published ({exc!r}): a client waiting on the run sees the "
+                    "failure once it looks again"
+                ) from exc
+            await asyncio.sleep(delay)
