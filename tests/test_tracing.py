@@ -22,7 +22,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
-from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
+from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode, get_current_span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from flow_orchestrator.bus import encode
 from flow_orchestrator.runtime import _cli, _commands
@@ -32,7 +33,7 @@ from flow_orchestrator.runtime._telemetry import (
     TraceContextFilter,
     configure_telemetry,
 )
-from flow_orchestrator.runtime._tracing import TracingInterceptor
+from flow_orchestrator.runtime._tracing import TracingInterceptor, extract
 from flow_orchestrator.testing import LocalEnvironment, eventually
 from tests import tracing_workflows, workflows
 from tests._otlp import Receiver
@@ -334,6 +335,62 @@ async def test_a_sampler_that_reads_the_span_is_asked_for_every_span(env_factory
     assert all((s.attributes or {}).get("sampled.by") == "node" for s in attempts)
     assert asked.count("traced.enrich") == 2  # both attempts were asked, and dropped
     provider.shutdown()
+
+
+async def test_a_trigger_from_an_unsampled_trace_makes_no_spans(env_factory: Any, spans: Any) -> None:
+    """The SDK's default sampler follows the parent: a publisher's trace that is not sampled stays
+    so for the whole run (asked once per worker and kind of parent, then remembered)."""
+    provider, exporter = spans
+    env: LocalEnvironment = await env_factory(
+        [tracing_workflows.wf], interceptors=[TracingInterceptor(provider)]
+    )
+    trace_id, span_id, _ = _publisher_context()
+    unsampled = await _publish_trigger(env, "traced", {}, f"00-{trace_id}-{span_id}-00")
+    sampled_trace, _, sampled_parent = _publisher_context()
+    sampled = await _publish_trigger(env, "traced", {}, sampled_parent)
+    for run_id in (unsampled, sampled):
+        assert await env.client.get_handle(run_id, "traced").result() == {"stored": 2}
+    found = await _finished_trace(exporter, sampled, "traced")
+    assert {f"{s.context.trace_id:032x}" for s in found if s.context} == {sampled_trace}
+    assert not _trace_of(exporter, unsampled)
+    assert not [
+        s for s in exporter.get_finished_spans() if s.context and s.context.trace_id == int(trace_id, 16)
+    ]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "a=1,b=2"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "x" * 600},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "not valid"},
+        {"traceparent": "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01"},
+        {"traceparent": " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra"},
+        {"traceparent": "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "00-00000000000000000000000000000000-b7ad6b7169203331-01"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01"},
+        {"tracestate": "a=1"},
+        {},
+    ],
+)
+def test_the_run_context_is_read_as_the_w3c_propagator_reads_it(headers: dict[str, str]) -> None:
+    """Our fast path for the traceparent we write, and the propagator for everything else."""
+    expected = get_current_span(TraceContextTextMapPropagator().extract(headers)).get_span_context()
+    context, found = extract(headers)
+    assert get_current_span(context).get_span_context() == found
+    assert (found.trace_id, found.span_id, found.trace_flags, found.is_remote, found.is_valid) == (
+        expected.trace_id,
+        expected.span_id,
+        expected.trace_flags,
+        expected.is_remote,
+        expected.is_valid,
+    )
+    assert list(found.trace_state.items()) == list(expected.trace_state.items())
 
 
 # --- configure_telemetry ------------------------------------------------------------------------

@@ -7,11 +7,15 @@ worker publishes the run's terminal event, with the promised ids and the run's r
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import random
+import re
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -20,6 +24,7 @@ from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, Tracer, TracerProvider
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     Decision,
     ParentBased,
@@ -29,7 +34,16 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -70,6 +84,10 @@ _MESSAGING: dict[str, AttributeValue] = {
 }
 _propagator = TraceContextTextMapPropagator()
 _SAMPLED, _NOT_SAMPLED = TraceFlags(TraceFlags.SAMPLED), TraceFlags(TraceFlags.DEFAULT)
+# The traceparent every run's messages carry, as this interceptor writes it (W3C version 00). Any other
+# form goes through OpenTelemetry's propagator, which knows the spec's every case.
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_TRACESTATE_MAX = 512  # the W3C limit the propagator applies too
 
 
 def _ns(seconds: Any) -> int:
@@ -145,6 +163,8 @@ class TracingInterceptor(Interceptor):
         self._scope = InstrumentationScope(INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION)
         self._parents: OrderedDict[Any, RunTrace] = OrderedDict()
         self._stripped: OrderedDict[str, str] = OrderedDict()  # tracestate -> without our entry
+        self._static_by_parent: bool | None = None  # see _sampling_by_parent
+        self._decisions: dict[tuple[bool, bool], Decision] = {}
 
     def _parent_of(self, headers: Mapping[str, str]) -> RunTrace:
         """The run's trace context from a message's headers. Every step of a run carries the same
@@ -152,10 +172,28 @@ class TracingInterceptor(Interceptor):
         key = (headers.get("traceparent"), headers.get("tracestate"))
         found = self._parents.get(key)
         if found is None:
-            context = _propagator.extract(headers)
-            found = RunTrace(context, trace_api.get_current_span(context).get_span_context())
+            context, parent = extract(headers)
+            found = RunTrace(context, parent, self._sampling_by_parent(context, parent))
             remember(self._parents, key, found, PARENT_CACHE)
         return found
+
+    def _sampling_by_parent(self, context: Context, parent: SpanContext) -> SamplingResult | None:
+        """The sampler's answer for the spans of a run whose context is ``parent``, when it depends on
+        the parent's flags alone (a ``ParentBased`` sampler with static delegates, the SDK's
+        default): asked once per worker and kind of parent, instead of once per run and worker."""
+        tracer = self._tracer
+        if tracer is None or not parent.is_valid:
+            return None
+        if self._static_by_parent is None:
+            self._static_by_parent = _static_by_parent(tracer.sampler)
+        if not self._static_by_parent:
+            return None
+        kind = (parent.is_remote, parent.trace_flags.sampled)
+        decision = self._decisions.get(kind)
+        if decision is None:
+            decision = tracer.sampler.should_sample(context, parent.trace_id, "", SpanKind.CONSUMER).decision
+            self._decisions[kind] = decision
+        return SamplingResult(decision, None, parent.trace_state)
 
     def _sdk_tracer(self) -> Tracer | None:
         if self._settled:
@@ -239,14 +277,18 @@ class TracingInterceptor(Interceptor):
         if tracer is None or len(parts) != 6 or parts[1] != "evt":
             return
         payload = input.payload if isinstance(input.payload, Mapping) else {}
-        seen = _Seen(parts[0], parts[2], parts[3], parts[4], parts[5], input.headers, payload)
+        seen = _Seen(parts[0], parts[2], parts[3], parts[4], parts[5], dict(input.headers), payload)
+        after_task(functools.partial(self._record, tracer, seen, time.time_ns()))
+
+    def _record(self, tracer: Tracer, seen: _Seen, now: int) -> None:
+        """The spans an event this worker published stands for (``now``: when it was published)."""
         try:
             if seen.node == RUN_TOKEN:
-                self._run_event(tracer, seen)
+                self._run_event(tracer, seen, now)
             elif seen.kind in _DECISIONS:
-                _decision_span(tracer, seen)
+                _decision_span(tracer, seen, now)
         except Exception:  # telemetry must never change what the engine does
-            log.warning("tracing: could not record %s", subject, exc_info=True)
+            log.warning("tracing: could not record %s of %s", seen.kind, seen.run_id, exc_info=True)
 
     def _drop_marker(self, headers: dict[str, str], state: str) -> None:
         """Our tracestate entry is read only from the run's own events (and kept in its run record):
@@ -262,7 +304,7 @@ class TracingInterceptor(Interceptor):
         else:
             del headers["tracestate"]
 
-    def _run_event(self, tracer: Tracer, seen: _Seen) -> None:
+    def _run_event(self, tracer: Tracer, seen: _Seen, now: int) -> None:
         run = self._parent_of(seen.headers)
         root = run.parent
         marker = root.trace_state.get(TRACESTATE_KEY) or ""
@@ -278,7 +320,7 @@ class TracingInterceptor(Interceptor):
             name = f"run {seen.workflow} started"
             # It starts when the root does (the run's creation), so it stays inside the root.
             start = _ns(seen.payload.get("created_at"))
-            start_light_span(tracer, self._scope, name, run, attributes, start_time=start).end()
+            start_light_span(tracer, self._scope, name, run, attributes, start_time=start).end(now)
         elif seen.kind in _RUN_END and root.trace_flags.sampled and seen.run_id not in self._ended:
             remember(self._ended, seen.run_id, None, self._capacity)
             start, end = _ns(seen.payload.get("created_at")), _ns(seen.payload.get("finished_at"))
@@ -333,6 +375,20 @@ class TracingInterceptor(Interceptor):
         tracer.span_processor.on_end(span)
 
 
+def after_task(callback: Callable[[], None]) -> None:
+    """Call ``callback`` once the current task is done (in a worker: its message handled, the outcome
+    published and the message acknowledged), so that what tracing does with a step is not on the
+    step's path; at once outside a task."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop in this thread
+        task = None
+    if task is None:
+        callback()
+    else:
+        task.add_done_callback(lambda _: callback())
+
+
 def _valid_attribute(value: Any) -> bool:
     if isinstance(value, str | bool | int | float):
         return True
@@ -355,7 +411,7 @@ class AttemptSpan(trace_api.Span, ReadableSpan):
         scope: InstrumentationScope,
         name: str,
         *,
-        context: SpanContext,
+        ids: tuple[IdGenerator, int, TraceFlags, TraceState | None],
         parent: SpanContext | None,
         attributes: dict[str, AttributeValue],
         start_time: int | None = None,
@@ -363,7 +419,7 @@ class AttemptSpan(trace_api.Span, ReadableSpan):
         ReadableSpan.__init__(
             self,
             name=name,
-            context=context,
+            context=None,
             parent=parent,
             resource=tracer.resource,
             attributes=attributes,
@@ -374,12 +430,23 @@ class AttemptSpan(trace_api.Span, ReadableSpan):
             instrumentation_scope=scope,
         )
         self._processor = tracer.span_processor
+        self._ids = ids  # the span's context is made when first asked for (see get_span_context)
         self._attributes: dict[str, AttributeValue] = attributes
         self._events: list[Event] = []
         self._links: list[trace_api.Link] = []
 
     def get_span_context(self) -> SpanContext:
-        return self._context  # type: ignore[return-value]  # always set: __init__ requires it
+        """The span's context, made (with a new span id) when first asked for: by an action that
+        starts a child span or reads its ids, or when the span is handed to the processors. Most
+        attempts do neither before their outcome is on its way, so no step waits for it."""
+        context = self._context
+        if context is None:
+            context = self._context = _new_context(*self._ids)
+        return context
+
+    @property
+    def context(self) -> SpanContext:
+        return self.get_span_context()
 
     def is_recording(self) -> bool:
         return self._end_time is None
@@ -429,14 +496,21 @@ class AttemptSpan(trace_api.Span, ReadableSpan):
     def end(self, end_time: int | None = None) -> None:
         if self._end_time is None:
             self._end_time = end_time or time.time_ns()
-            self._processor.on_end(self)
+            self._hand_over()
 
     def end_completed(self) -> None:
-        """``set_attribute("outcome", "completed")`` then ``end()``, without the value check a
-        constant needs not: every successful attempt ends so."""
-        if self._end_time is None:
-            self._attributes["outcome"] = "completed"
-        self.end()
+        """The attempt succeeded: ``set_attribute("outcome", "completed")`` and ``end()``, except that
+        the span reaches the processors once the task running the attempt is done (its outcome
+        published and its message acknowledged), so the next step does not wait for them."""
+        if self._end_time is not None:
+            return
+        self._attributes["outcome"] = "completed"
+        self._end_time = time.time_ns()
+        after_task(self._hand_over)
+
+    def _hand_over(self) -> None:
+        self.get_span_context()
+        self._processor.on_end(self)
 
 
 @dataclass(slots=True)
@@ -446,6 +520,38 @@ class RunTrace:
     context: Context  # what the headers hold, as an OpenTelemetry context
     parent: SpanContext  # the run's span context: the parent of the spans the run's steps start
     sampling: SamplingResult | None = None  # the sampler's answer for those spans, when reusable
+
+
+def extract(headers: Mapping[str, str]) -> tuple[Context, SpanContext]:
+    """A message's trace context (as OpenTelemetry's W3C propagator reads it) and its span context.
+
+    Each worker reads a run's context once, then keeps it: the traceparent this interceptor writes
+    is parsed here directly, for a fraction of the propagator's cost (measured on a worker whose
+    caches the other processes keep cold); any other form is left to the propagator."""
+    traceparent, tracestate = headers.get("traceparent"), headers.get("tracestate")
+    match = _TRACEPARENT.fullmatch(traceparent) if isinstance(traceparent, str) else None
+    if match is None or not (tracestate is None or _fits(tracestate)):
+        context = _propagator.extract(headers)
+        return context, trace_api.get_current_span(context).get_span_context()
+    trace_id, span_id = int(match[1], 16), int(match[2], 16)
+    if not trace_id or not span_id:
+        return Context(), INVALID_SPAN_CONTEXT
+    state = None if tracestate is None else TraceState.from_header([tracestate])
+    parent = SpanContext(trace_id, span_id, True, TraceFlags(int(match[3], 16)), state)
+    return trace_api.set_span_in_context(NonRecordingSpan(parent)), parent
+
+
+def _fits(tracestate: Any) -> bool:
+    return isinstance(tracestate, str) and len(tracestate) <= _TRACESTATE_MAX
+
+
+def _static_by_parent(sampler: Sampler) -> bool:
+    """Whether ``sampler``'s answer for a span with a valid parent depends on the parent's flags
+    alone: a ``ParentBased`` sampler whose delegates for such spans are all static."""
+    if not isinstance(sampler, ParentBased):
+        return False
+    delegates = [s for name, s in vars(sampler).items() if isinstance(s, Sampler) and name != "_root"]
+    return len(delegates) == 4 and all(isinstance(s, StaticSampler) for s in delegates)
 
 
 def _decides_by_parent(sampler: Sampler) -> bool:
@@ -478,31 +584,35 @@ def start_light_span(
         if valid and _decides_by_parent(tracer.sampler):
             # Keep the decision and trace state only: the attributes were this span's.
             run.sampling = SamplingResult(sampling.decision, None, sampling.trace_state)
-    sampled = sampling.decision is Decision.RECORD_AND_SAMPLE
-    context = SpanContext(
-        trace_id,
-        tracer.id_generator.generate_span_id(),
-        is_remote=False,
-        trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
-        trace_state=sampling.trace_state,
-    )
+    flags = _SAMPLED if sampling.decision is Decision.RECORD_AND_SAMPLE else _NOT_SAMPLED
     if sampling.decision is Decision.DROP:
-        return NonRecordingSpan(context)
+        return NonRecordingSpan(_new_context(tracer.id_generator, trace_id, flags, sampling.trace_state))
     return AttemptSpan(
         tracer,
         scope,
         name,
-        context=context,
+        ids=(tracer.id_generator, trace_id, flags, sampling.trace_state),
         parent=parent if valid else None,
         attributes=attributes,
         start_time=start_time,
     )
 
 
-def _decision_span(tracer: Tracer, seen: _Seen) -> None:
+def _new_context(
+    generator: IdGenerator, trace_id: int, flags: TraceFlags, state: TraceState | None
+) -> SpanContext:
+    """A new span's context, with a new span id."""
+    # The SDK's default generator, without its two calls per id (RandomIdGenerator.generate_span_id)
+    span_id = random.getrandbits(64) if type(generator) is RandomIdGenerator else generator.generate_span_id()
+    while not span_id:
+        span_id = generator.generate_span_id()
+    return SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=state)
+
+
+def _decision_span(tracer: Tracer, seen: _Seen, now: int) -> None:
     """A short child of the root: a retry scheduled (lasting the backoff), a lost attempt, or a node's
     final failure that its downstream nodes continue past (``continue_on_error``)."""
-    now, payload = time.time_ns(), seen.payload
+    payload = seen.payload
     attributes: dict[str, AttributeValue] = {
         "workflow": seen.workflow,
         "run_id": seen.run_id,
