@@ -21,8 +21,26 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
-from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode, get_current_span
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    NoOpTracerProvider,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    TraceFlags,
+    get_current_span,
+    set_span_in_context,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from flow_orchestrator.bus import encode
@@ -33,7 +51,7 @@ from flow_orchestrator.runtime._telemetry import (
     TraceContextFilter,
     configure_telemetry,
 )
-from flow_orchestrator.runtime._tracing import TracingInterceptor, extract
+from flow_orchestrator.runtime._tracing import Decisions, TracingInterceptor, extract
 from flow_orchestrator.testing import LocalEnvironment, eventually
 from tests import tracing_workflows, workflows
 from tests._otlp import Receiver
@@ -391,6 +409,26 @@ def test_the_run_context_is_read_as_the_w3c_propagator_reads_it(headers: dict[st
         expected.is_valid,
     )
     assert list(found.trace_state.items()) == list(expected.trace_state.items())
+
+
+def test_only_answers_that_depend_on_the_kind_of_parent_are_remembered() -> None:
+    sampled = SpanContext(1, 2, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    unsampled = SpanContext(1, 2, is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT))
+
+    def answers(sampler: Sampler) -> list[Decision | None]:
+        decisions = Decisions(sampler)
+        return [
+            decisions.decision(set_span_in_context(NonRecordingSpan(parent)), parent, "x")
+            for parent in (sampled, unsampled, INVALID_SPAN_CONTEXT)
+        ]
+
+    keep, drop = Decision.RECORD_AND_SAMPLE, Decision.DROP
+    assert answers(ParentBased(ALWAYS_ON)) == [keep, drop, keep]
+    assert answers(ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON)) == [keep, keep, drop]
+    assert answers(ALWAYS_OFF) == [drop, drop, drop]
+    # A root's answer from a ratio depends on its trace id: asked for every run.
+    assert answers(ParentBased(TraceIdRatioBased(0.5))) == [keep, drop, None]
+    assert answers(TraceIdRatioBased(0.5)) == [None, None, None]
 
 
 # --- configure_telemetry ------------------------------------------------------------------------

@@ -88,6 +88,7 @@ _SAMPLED, _NOT_SAMPLED = TraceFlags(TraceFlags.SAMPLED), TraceFlags(TraceFlags.D
 # form goes through OpenTelemetry's propagator, which knows the spec's every case.
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _TRACESTATE_MAX = 512  # the W3C limit the propagator applies too
+_NO_STATE = TraceState()  # (immutable) the trace state of every context whose message carries none
 
 
 def _ns(seconds: Any) -> int:
@@ -117,26 +118,28 @@ class _Seen:
     payload: Mapping[str, Any]
 
 
-def promise_root(tracer: Tracer, input: TriggerInput) -> SpanContext:
+def promise_root(tracer: Tracer, input: TriggerInput, decisions: Decisions | None = None) -> SpanContext:
     """Choose the root span's ids and sampling now, and make them the run's trace context."""
-    parent_context = _propagator.extract(input.headers)
-    parent = trace_api.get_current_span(parent_context).get_span_context()
+    parent_context, parent = extract(input.headers)
     trace_id = parent.trace_id if parent.is_valid else tracer.id_generator.generate_trace_id()
-    span_id = tracer.id_generator.generate_span_id()
-    attributes = {"workflow": input.workflow, "run_id": input.run_id}
-    sampling = tracer.sampler.should_sample(
-        parent_context, trace_id, f"run {input.workflow}", SpanKind.INTERNAL, attributes
-    )
-    state = sampling.trace_state or trace_api.TraceState()
+    span_id = _new_span_id(tracer.id_generator)
+    name = f"run {input.workflow}"
+    decision = decisions.decision(parent_context, parent, name) if decisions is not None else None
+    if decision is None:
+        attributes = {"workflow": input.workflow, "run_id": input.run_id}
+        sampling = tracer.sampler.should_sample(parent_context, trace_id, name, SpanKind.INTERNAL, attributes)
+        decision, state = sampling.decision, sampling.trace_state or _NO_STATE
+    else:  # what the SDK's samplers answer with: the parent's trace state
+        state = parent.trace_state
     marker = f"{span_id:016x}{parent.span_id if parent.is_valid else 0:016x}"
     state = (
         state.update(TRACESTATE_KEY, marker) if TRACESTATE_KEY in state else state.add(TRACESTATE_KEY, marker)
     )
-    sampled = sampling.decision is Decision.RECORD_AND_SAMPLE
-    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    flags = _SAMPLED if decision is Decision.RECORD_AND_SAMPLE else _NOT_SAMPLED
     root = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=state)
-    input.headers.pop("tracestate", None)
-    _propagator.inject(input.headers, context=trace_api.set_span_in_context(NonRecordingSpan(root)))
+    # What the W3C propagator would inject
+    input.headers["traceparent"] = f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+    input.headers["tracestate"] = state.to_header()
     return root
 
 
@@ -163,8 +166,7 @@ class TracingInterceptor(Interceptor):
         self._scope = InstrumentationScope(INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION)
         self._parents: OrderedDict[Any, RunTrace] = OrderedDict()
         self._stripped: OrderedDict[str, str] = OrderedDict()  # tracestate -> without our entry
-        self._static_by_parent: bool | None = None  # see _sampling_by_parent
-        self._decisions: dict[tuple[bool, bool], Decision] = {}
+        self._decisions: Decisions | None = None  # once the tracer is known
 
     def _parent_of(self, headers: Mapping[str, str]) -> RunTrace:
         """The run's trace context from a message's headers. Every step of a run carries the same
@@ -179,20 +181,15 @@ class TracingInterceptor(Interceptor):
 
     def _sampling_by_parent(self, context: Context, parent: SpanContext) -> SamplingResult | None:
         """The sampler's answer for the spans of a run whose context is ``parent``, when it depends on
-        the parent's flags alone (a ``ParentBased`` sampler with static delegates, the SDK's
-        default): asked once per worker and kind of parent, instead of once per run and worker."""
-        tracer = self._tracer
-        if tracer is None or not parent.is_valid:
+        the kind of parent alone (see :class:`Decisions`): then asked once per worker and kind of
+        parent, instead of once per run and worker."""
+        if self._decisions is None or not parent.is_valid:
             return None
-        if self._static_by_parent is None:
-            self._static_by_parent = _static_by_parent(tracer.sampler)
-        if not self._static_by_parent:
-            return None
-        kind = (parent.is_remote, parent.trace_flags.sampled)
-        decision = self._decisions.get(kind)
+        decision = self._decisions.decision(context, parent, "")
         if decision is None:
-            decision = tracer.sampler.should_sample(context, parent.trace_id, "", SpanKind.CONSUMER).decision
-            self._decisions[kind] = decision
+            return None
+        if parent.trace_state is _NO_STATE:  # a step's: one answer serves them all
+            return self._decisions.shared(decision)
         return SamplingResult(decision, None, parent.trace_state)
 
     def _sdk_tracer(self) -> Tracer | None:
@@ -202,6 +199,7 @@ class TracingInterceptor(Interceptor):
         if isinstance(provider, TracerProvider):
             tracer = provider.get_tracer(INSTRUMENTATION_NAME, INSTRUMENTATION_VERSION)
             self._tracer = tracer if isinstance(tracer, Tracer) else None  # None when the SDK is disabled
+            self._decisions = Decisions(self._tracer.sampler) if self._tracer is not None else None
             self._settled = True
         elif self._provider is not None:
             self._settled = True  # an injected non-SDK provider: tracing stays off
@@ -212,21 +210,21 @@ class TracingInterceptor(Interceptor):
         if tracer is None:
             return await call_next(input)
         received = time.time_ns()
-        root = promise_root(tracer, input)
+        root = promise_root(tracer, input, self._decisions)
+        # Inner interceptors (and their log records) already see the run's trace.
+        token = context_api.attach(trace_api.set_span_in_context(NonRecordingSpan(root)))
         try:
-            # Inner interceptors (and their log records) already see the run's trace.
-            with trace_api.use_span(
-                NonRecordingSpan(root), record_exception=False, set_status_on_exception=False
-            ):
-                return await call_next(input)
+            return await call_next(input)
         except Exception as exc:  # the trigger is rejected: its run's trace is this root alone
             if root.trace_flags.sampled:
                 rejected = _Seen("", input.workflow, input.run_id, RUN_TOKEN, "rejected", input.headers, {})
                 self._emit_root(tracer, root, rejected, start=received, end=time.time_ns(), error=exc)
             raise
+        finally:
+            context_api.detach(token)
 
     async def execute_node(self, input: ExecuteNodeInput, call_next: NodeCall) -> Any:
-        tracer = self._sdk_tracer()
+        tracer = self._tracer if self._settled else self._sdk_tracer()
         if tracer is None:
             return await call_next(input)
         run = self._parent_of(input.headers)
@@ -536,7 +534,7 @@ def extract(headers: Mapping[str, str]) -> tuple[Context, SpanContext]:
     trace_id, span_id = int(match[1], 16), int(match[2], 16)
     if not trace_id or not span_id:
         return Context(), INVALID_SPAN_CONTEXT
-    state = None if tracestate is None else TraceState.from_header([tracestate])
+    state = _NO_STATE if tracestate is None else TraceState.from_header([tracestate])
     parent = SpanContext(trace_id, span_id, True, TraceFlags(int(match[3], 16)), state)
     return trace_api.set_span_in_context(NonRecordingSpan(parent)), parent
 
@@ -545,13 +543,41 @@ def _fits(tracestate: Any) -> bool:
     return isinstance(tracestate, str) and len(tracestate) <= _TRACESTATE_MAX
 
 
-def _static_by_parent(sampler: Sampler) -> bool:
-    """Whether ``sampler``'s answer for a span with a valid parent depends on the parent's flags
-    alone: a ``ParentBased`` sampler whose delegates for such spans are all static."""
-    if not isinstance(sampler, ParentBased):
-        return False
-    delegates = [s for name, s in vars(sampler).items() if isinstance(s, Sampler) and name != "_root"]
-    return len(delegates) == 4 and all(isinstance(s, StaticSampler) for s in delegates)
+class Decisions:
+    """A sampler's answers that depend on the kind of parent alone (valid or not, remote or not,
+    sampled or not), learnt once per kind: a ``StaticSampler`` (``always_on``/``always_off``), or a
+    ``ParentBased`` one whose delegates for that kind are static (the SDK's default is)."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self._sampler = sampler
+        self._known: dict[tuple[bool, bool, bool], Decision] = {}
+        self._results: dict[Decision, SamplingResult] = {}
+        delegates = vars(sampler) if isinstance(sampler, ParentBased) else {}
+        children = [s for name, s in delegates.items() if isinstance(s, Sampler) and name != "_root"]
+        static = isinstance(sampler, StaticSampler)
+        self._for_children = static or (
+            len(children) == 4 and all(isinstance(s, StaticSampler) for s in children)
+        )
+        self._for_roots = static or isinstance(delegates.get("_root"), StaticSampler)
+
+    def decision(self, context: Context, parent: SpanContext, name: str) -> Decision | None:
+        """The answer for a span under ``parent`` (in ``context``), or None: ask the sampler."""
+        if not (self._for_children if parent.is_valid else self._for_roots):
+            return None
+        kind = (parent.is_valid, parent.is_remote, parent.trace_flags.sampled)
+        found = self._known.get(kind)
+        if found is None:
+            trace_id = parent.trace_id if parent.is_valid else 1  # a static answer reads no id
+            found = self._sampler.should_sample(context, trace_id, name, SpanKind.INTERNAL).decision
+            self._known[kind] = found
+        return found
+
+    def shared(self, decision: Decision) -> SamplingResult:
+        """One result for every span whose parent carries no trace state."""
+        found = self._results.get(decision)
+        if found is None:
+            found = self._results[decision] = SamplingResult(decision, None, _NO_STATE)
+        return found
 
 
 def _decides_by_parent(sampler: Sampler) -> bool:
@@ -602,11 +628,17 @@ def _new_context(
     generator: IdGenerator, trace_id: int, flags: TraceFlags, state: TraceState | None
 ) -> SpanContext:
     """A new span's context, with a new span id."""
+    return SpanContext(
+        trace_id, _new_span_id(generator), is_remote=False, trace_flags=flags, trace_state=state
+    )
+
+
+def _new_span_id(generator: IdGenerator) -> int:
     # The SDK's default generator, without its two calls per id (RandomIdGenerator.generate_span_id)
     span_id = random.getrandbits(64) if type(generator) is RandomIdGenerator else generator.generate_span_id()
     while not span_id:
         span_id = generator.generate_span_id()
-    return SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=state)
+    return span_id
 
 
 def _decision_span(tracer: Tracer, seen: _Seen, now: int) -> None:
