@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -28,6 +32,7 @@ from opentelemetry.sdk.trace.sampling import (
     ParentBased,
     Sampler,
     SamplingResult,
+    StaticSampler,
     TraceIdRatioBased,
 )
 from opentelemetry.trace import (
@@ -43,7 +48,9 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from flow_orchestrator import NodeContext, Workflow
 from flow_orchestrator.bus import encode
+from flow_orchestrator.bus.types import TriggerInput
 from flow_orchestrator.runtime import _cli, _commands
 from flow_orchestrator.runtime._telemetry import (
     RunFieldsFormatter,
@@ -51,7 +58,13 @@ from flow_orchestrator.runtime._telemetry import (
     TraceContextFilter,
     configure_telemetry,
 )
-from flow_orchestrator.runtime._tracing import Decisions, TracingInterceptor, extract
+from flow_orchestrator.runtime._tracing import (
+    TRACESTATE_KEY,
+    Decisions,
+    TracingInterceptor,
+    extract,
+    promise_root,
+)
 from flow_orchestrator.testing import LocalEnvironment, eventually
 from tests import tracing_workflows, workflows
 from tests._otlp import Receiver
@@ -74,9 +87,13 @@ def _publisher_context() -> tuple[str, str, str]:
     return trace_id, span_id, f"00-{trace_id}-{span_id}-01"
 
 
-async def _publish_trigger(env: LocalEnvironment, workflow: str, payload: Any, traceparent: str) -> str:
+async def _publish_trigger(
+    env: LocalEnvironment, workflow: str, payload: Any, traceparent: str, tracestate: str | None = None
+) -> str:
     run_id = f"r{uuid.uuid4().hex[:12]}"
     headers = {"Nats-Msg-Id": run_id, "traceparent": traceparent}
+    if tracestate is not None:
+        headers["tracestate"] = tracestate
     await env.client.bus.js.publish(env.names.trigger(workflow), encode(payload), headers=headers)
     return run_id
 
@@ -429,6 +446,100 @@ def test_only_answers_that_depend_on_the_kind_of_parent_are_remembered() -> None
     # A root's answer from a ratio depends on its trace id: asked for every run.
     assert answers(ParentBased(TraceIdRatioBased(0.5))) == [keep, drop, None]
     assert answers(TraceIdRatioBased(0.5)) == [None, None, None]
+
+
+class _SlowIds(RandomIdGenerator):
+    """An id generator that releases the GIL (os.urandom, a remote id service...)."""
+
+    def generate_span_id(self) -> int:
+        time.sleep(0.05)
+        return super().generate_span_id()
+
+
+_late = Workflow("lateids")
+_SEEN: dict[str, int] = {}
+
+
+@_late.node(timeout=0.1)
+def reads_its_id_as_it_times_out(ctx: NodeContext) -> None:
+    time.sleep(0.09)
+    _SEEN[ctx.run_id] = get_current_span().get_span_context().span_id
+
+
+async def test_a_sync_action_sees_the_span_id_that_is_exported(env_factory: Any) -> None:
+    """The action's thread reads its span's id just as the loop ends the span (the action timed
+    out): both once made the span's context, each with an id of its own, and the action's logs and
+    child spans then named a span that was never exported."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False, id_generator=_SlowIds())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    env: LocalEnvironment = await env_factory([_late], interceptors=[TracingInterceptor(provider)])
+    handle = await env.client.start("lateids", {})
+    with contextlib.suppress(Exception):
+        await handle.result()
+    await eventually(lambda: handle.run_id in _SEEN)
+
+    def exported() -> list[ReadableSpan]:
+        return [s for s in _trace_of(exporter, handle.run_id) if s.name.startswith("lateids.reads")]
+
+    (span, *_) = await eventually(exported)
+    assert span.context is not None
+    assert _SEEN[handle.run_id] == span.context.span_id
+    provider.shutdown()
+
+
+def test_a_subclass_of_the_sdks_samplers_is_asked_for_every_span() -> None:
+    """It may decide by the span's name or attributes, as this one does."""
+
+    class DropHealth(ParentBased):
+        def should_sample(self, parent_context: Any, trace_id: int, name: str, *args: Any, **kw: Any) -> Any:
+            if "health" in name:
+                return SamplingResult(Decision.DROP)
+            return super().should_sample(parent_context, trace_id, name, *args, **kw)
+
+    decisions = Decisions(DropHealth(ALWAYS_ON))
+    assert decisions.decision(Context(), INVALID_SPAN_CONTEXT, "run orders") is None
+    assert (
+        Decisions(type("MyStatic", (StaticSampler,), {})(Decision.RECORD_AND_SAMPLE)).decision(
+            Context(), INVALID_SPAN_CONTEXT, "run health"
+        )
+        is None
+    )
+
+
+def test_a_full_tracestate_makes_room_for_the_runs_entry() -> None:
+    """32 entries is the W3C limit: the right-most gives way, as the spec says, and the run keeps
+    the entry its root span is emitted from (without it the root never was)."""
+    tracer = TracerProvider(shutdown_on_exit=False).get_tracer("t")
+    assert isinstance(tracer, Tracer)
+    _, _, traceparent = _publisher_context()
+    full = ",".join(f"k{i}=v{i}" for i in range(32))
+    headers = {"traceparent": traceparent, "tracestate": full}
+    root = promise_root(tracer, TriggerInput("wf", "r1", {}, headers))
+    entries = list(root.trace_state.keys())
+    assert entries[0] == TRACESTATE_KEY
+    assert len(entries) == 32
+    assert "k31" not in entries
+    assert "k0" in entries
+    assert headers["tracestate"].startswith(f"{TRACESTATE_KEY}=")
+
+
+async def test_the_first_steps_span_does_not_carry_the_runs_own_entry(env_factory: Any, spans: Any) -> None:
+    """The first step consumes the run's own event, whose tracestate has our entry; steps' spans
+    (and what their actions propagate) carry only the publisher's entries."""
+    provider, exporter = spans
+    env: LocalEnvironment = await env_factory(
+        [tracing_workflows.wf], interceptors=[TracingInterceptor(provider)]
+    )
+    _, _, traceparent = _publisher_context()
+    run_id = await _publish_trigger(env, "traced", {}, traceparent, tracestate="vendor=abc")
+    assert await env.client.get_handle(run_id, "traced").result() == {"stored": 2}
+    found = await _finished_trace(exporter, run_id, "traced")
+    attempts = [s for s in found if s.name in ("traced.fetch", "traced.enrich", "traced.store")]
+    assert attempts
+    for span in attempts:
+        assert span.context is not None
+        assert list(span.context.trace_state.items()) == [("vendor", "abc")], span.name
 
 
 # --- configure_telemetry ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     Decision,
     ParentBased,
+    ParentBasedTraceIdRatio,
     Sampler,
     SamplingResult,
     StaticSampler,
@@ -45,6 +46,12 @@ from opentelemetry.trace import (
     TraceState,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import (
+    _TRACECONTEXT_MAXIMUM_TRACESTATE_KEYS as _TRACESTATE_KEYS,
+)
+from opentelemetry.trace.span import (
+    _TRACECONTEXT_MAXIMUM_TRACESTATE_LENGTH as _TRACESTATE_LENGTH,
+)
 from opentelemetry.util.types import AttributeValue
 
 from flow_orchestrator._bounded import remember
@@ -87,7 +94,6 @@ _SAMPLED, _NOT_SAMPLED = TraceFlags(TraceFlags.SAMPLED), TraceFlags(TraceFlags.D
 # The traceparent every run's messages carry, as this interceptor writes it (W3C version 00). Any other
 # form goes through OpenTelemetry's propagator, which knows the spec's every case.
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_TRACESTATE_MAX = 512  # the W3C limit the propagator applies too
 _NO_STATE = TraceState()  # (immutable) the trace state of every context whose message carries none
 
 
@@ -132,9 +138,12 @@ def promise_root(tracer: Tracer, input: TriggerInput, decisions: Decisions | Non
     else:  # what the SDK's samplers answer with: the parent's trace state
         state = parent.trace_state
     marker = f"{span_id:016x}{parent.span_id if parent.is_valid else 0:016x}"
-    state = (
-        state.update(TRACESTATE_KEY, marker) if TRACESTATE_KEY in state else state.add(TRACESTATE_KEY, marker)
-    )
+    if TRACESTATE_KEY in state:
+        state = state.update(TRACESTATE_KEY, marker)
+    else:
+        if len(state) >= _TRACESTATE_KEYS:  # full: the right-most entry gives way (W3C)
+            state = state.delete(list(state.keys())[-1])
+        state = state.add(TRACESTATE_KEY, marker)
     flags = _SAMPLED if decision is Decision.RECORD_AND_SAMPLE else _NOT_SAMPLED
     root = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=state)
     # What the W3C propagator would inject
@@ -190,7 +199,12 @@ class TracingInterceptor(Interceptor):
             return None
         if parent.trace_state is _NO_STATE:  # a step's: one answer serves them all
             return self._decisions.shared(decision)
-        return SamplingResult(decision, None, parent.trace_state)
+        # The first step consumes the run's own event, which carries our entry: keep it off its
+        # span (and off what the action propagates from it).
+        state = parent.trace_state
+        if TRACESTATE_KEY in state:
+            state = state.delete(TRACESTATE_KEY)
+        return SamplingResult(decision, None, state)
 
     def _sdk_tracer(self) -> Tracer | None:
         if self._settled:
@@ -409,7 +423,7 @@ class AttemptSpan(trace_api.Span, ReadableSpan):
         scope: InstrumentationScope,
         name: str,
         *,
-        ids: tuple[IdGenerator, int, TraceFlags, TraceState | None],
+        ids: tuple[int, int, TraceFlags, TraceState | None],
         parent: SpanContext | None,
         attributes: dict[str, AttributeValue],
         start_time: int | None = None,
@@ -428,18 +442,20 @@ class AttemptSpan(trace_api.Span, ReadableSpan):
             instrumentation_scope=scope,
         )
         self._processor = tracer.span_processor
-        self._ids = ids  # the span's context is made when first asked for (see get_span_context)
+        self._ids = ids  # (trace id, span id, flags, state): the context is made when first asked for
         self._attributes: dict[str, AttributeValue] = attributes
         self._events: list[Event] = []
         self._links: list[trace_api.Link] = []
 
     def get_span_context(self) -> SpanContext:
-        """The span's context, made (with a new span id) when first asked for: by an action that
-        starts a child span or reads its ids, or when the span is handed to the processors. Most
-        attempts do neither before their outcome is on its way, so no step waits for it."""
+        """The span's context, made when first asked for: by an action that starts a child span or
+        reads its ids, or when the span is handed to the processors. Most attempts do neither before
+        their outcome is on its way, so no step waits for it. Its ids were drawn with the span, so
+        two threads that make it at once (a sync action's, the loop's) make equal ones."""
         context = self._context
         if context is None:
-            context = self._context = _new_context(*self._ids)
+            trace_id, span_id, flags, state = self._ids
+            context = self._context = SpanContext(trace_id, span_id, False, flags, state)
         return context
 
     @property
@@ -507,8 +523,11 @@ class AttemptSpan(trace_api.Span, ReadableSpan):
         after_task(self._hand_over)
 
     def _hand_over(self) -> None:
-        self.get_span_context()
-        self._processor.on_end(self)
+        try:
+            self.get_span_context()
+            self._processor.on_end(self)
+        except Exception:  # (in a task's done-callback: asyncio would log it without saying whose)
+            log.warning("tracing: a span processor failed on %s", self._name, exc_info=True)
 
 
 @dataclass(slots=True)
@@ -540,7 +559,7 @@ def extract(headers: Mapping[str, str]) -> tuple[Context, SpanContext]:
 
 
 def _fits(tracestate: Any) -> bool:
-    return isinstance(tracestate, str) and len(tracestate) <= _TRACESTATE_MAX
+    return isinstance(tracestate, str) and len(tracestate) <= _TRACESTATE_LENGTH
 
 
 class Decisions:
@@ -552,13 +571,13 @@ class Decisions:
         self._sampler = sampler
         self._known: dict[tuple[bool, bool, bool], Decision] = {}
         self._results: dict[Decision, SamplingResult] = {}
-        delegates = vars(sampler) if isinstance(sampler, ParentBased) else {}
+        # The SDK's own classes only: a subclass may read the span's name or attributes.
+        delegates = vars(sampler) if type(sampler) in (ParentBased, ParentBasedTraceIdRatio) else {}
         children = [s for name, s in delegates.items() if isinstance(s, Sampler) and name != "_root"]
-        static = isinstance(sampler, StaticSampler)
-        self._for_children = static or (
-            len(children) == 4 and all(isinstance(s, StaticSampler) for s in children)
-        )
-        self._for_roots = static or isinstance(delegates.get("_root"), StaticSampler)
+        static = type(sampler) is StaticSampler
+        static_children = len(children) == 4 and all(type(s) is StaticSampler for s in children)
+        self._for_children = static or static_children
+        self._for_roots = static or type(delegates.get("_root")) is StaticSampler
 
     def decision(self, context: Context, parent: SpanContext, name: str) -> Decision | None:
         """The answer for a span under ``parent`` (in ``context``), or None: ask the sampler."""
@@ -583,9 +602,9 @@ class Decisions:
 def _decides_by_parent(sampler: Sampler) -> bool:
     """Whether ``sampler`` answers alike for every child of one parent (the SDK's samplers look at
     the parent and the trace id only): then its answer for a run's first span holds for the rest."""
-    if isinstance(sampler, ParentBased):
+    if type(sampler) in (ParentBased, ParentBasedTraceIdRatio):
         return all(_decides_by_parent(s) for s in vars(sampler).values() if isinstance(s, Sampler))
-    return isinstance(sampler, StaticSampler | TraceIdRatioBased)
+    return type(sampler) in (StaticSampler, TraceIdRatioBased)
 
 
 def start_light_span(
@@ -611,25 +630,17 @@ def start_light_span(
             # Keep the decision and trace state only: the attributes were this span's.
             run.sampling = SamplingResult(sampling.decision, None, sampling.trace_state)
     flags = _SAMPLED if sampling.decision is Decision.RECORD_AND_SAMPLE else _NOT_SAMPLED
+    span_id = _new_span_id(tracer.id_generator)
     if sampling.decision is Decision.DROP:
-        return NonRecordingSpan(_new_context(tracer.id_generator, trace_id, flags, sampling.trace_state))
+        return NonRecordingSpan(SpanContext(trace_id, span_id, False, flags, sampling.trace_state))
     return AttemptSpan(
         tracer,
         scope,
         name,
-        ids=(tracer.id_generator, trace_id, flags, sampling.trace_state),
+        ids=(trace_id, span_id, flags, sampling.trace_state),
         parent=parent if valid else None,
         attributes=attributes,
         start_time=start_time,
-    )
-
-
-def _new_context(
-    generator: IdGenerator, trace_id: int, flags: TraceFlags, state: TraceState | None
-) -> SpanContext:
-    """A new span's context, with a new span id."""
-    return SpanContext(
-        trace_id, _new_span_id(generator), is_remote=False, trace_flags=flags, trace_state=state
     )
 
 
