@@ -925,11 +925,9 @@ async def test_a_sink_result_that_comes_too_large_while_the_run_is_failed_refuse
     assert record["error"]["message"] == "bad broke"  # the run's failure is still its own
 
 
-async def test_a_retry_with_nothing_to_run_wakes_who_waits_on_the_run(env_factory: Any) -> None:
-    """The retry reopens such a run, finds nothing to run, and puts it back to failed. A client that
-    began waiting on it meanwhile used to wait for good."""
-    env: LocalEnvironment = await env_factory([_two_big_sinks("nothingleft")])
-    handle = await _failed_with_nothing_to_run(env, "nothingleft")
+async def _retry_with_nothing_to_run_while_waiting(env: LocalEnvironment, handle: Any) -> None:
+    """Retry the run; once it is reopened, wait on it. The retry is refused (nothing to run) and
+    the waiting client learns, within 10 s, that the run failed again."""
     retrying = asyncio.create_task(handle.retry())
 
     async def reopened() -> bool:
@@ -942,6 +940,14 @@ async def test_a_retry_with_nothing_to_run_wakes_who_waits_on_the_run(env_factor
     async with asyncio.timeout(10):
         with pytest.raises(RunFailed, match="results cannot be stored"):
             await waiting
+
+
+async def test_a_retry_with_nothing_to_run_wakes_who_waits_on_the_run(env_factory: Any) -> None:
+    """The retry reopens such a run, finds nothing to run, and puts it back to failed. A client that
+    began waiting on it meanwhile used to wait for good."""
+    env: LocalEnvironment = await env_factory([_two_big_sinks("nothingleft")])
+    handle = await _failed_with_nothing_to_run(env, "nothingleft")
+    await _retry_with_nothing_to_run_while_waiting(env, handle)
     record = await _record_of(env, handle)
     assert record["status"] == "failed"
     assert record["resumed"][-1]["done"]
@@ -997,19 +1003,8 @@ async def test_the_failed_event_of_a_retry_with_nothing_to_run_is_published_agai
         return await real(subject, *args, **options)
 
     monkeypatch.setattr(js, "publish", publish)
-    retrying = asyncio.create_task(handle.retry())
-
-    async def reopened() -> bool:
-        return (await _record_of(env, handle))["status"] == "running"
-
-    await eventually(reopened, within=10, interval=0.01)
-    waiting = asyncio.create_task(handle.result())
-    with pytest.raises(RunNotRetryable, match="no node to run again"):
-        await retrying
+    await _retry_with_nothing_to_run_while_waiting(env, handle)
     assert failures
-    async with asyncio.timeout(10):
-        with pytest.raises(RunFailed, match="results cannot be stored"):
-            await waiting
 
 
 async def test_the_mark_fits_however_full_the_failed_record_is(env_factory: Any) -> None:
