@@ -9,6 +9,7 @@ import nats.errors
 import pytest
 
 from flow_orchestrator import NodeContext, Workflow
+from flow_orchestrator._errors import UnencodableValue
 from flow_orchestrator.actors import _join
 from flow_orchestrator.actors._join import JoinBook, JoinNotRecorded
 from flow_orchestrator.bus import _journal, encode
@@ -237,3 +238,52 @@ async def test_many_fan_ins_on_two_workers_each_run_their_join_once(env_factory:
     results = await asyncio.gather(*(env.client.run("many_joins", {}) for _ in range(40)))
     assert results == [15] * 40
     assert len(ran) == len(set(ran)) == 40
+    # The upstreams' workers record their arrivals: the join's consumer delivered one message per
+    # run (its ready event), not one per upstream.
+    handle = await env.client.start("many_joins", {})
+    assert await handle.result() == 15
+    journal = await env.client.journal(handle.run_id, "many_joins")
+    assert [e["kind"] for e in journal if e["node"] == "join"] == ["ready", "completed"]
+    names = env.client.names
+    consumer = names.node_consumer("many_joins", "join")
+    info = await env.client.bus.js.consumer_info(names.events_stream, consumer)
+    assert info.delivered.consumer_seq == 41
+
+
+async def test_a_ready_event_too_large_for_its_outputs_leaves_them_in_the_journal(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The join's ready event carries the outputs its record holds; should that not fit in one
+    message with the run's input, it goes out without them and the join reads them back."""
+    wf = Workflow("big_ready")
+    for name in ("p", "q"):
+        wf.node(name)(_returning(name))
+
+    @wf.node(depends_on=["p", "q"])
+    async def join(ctx: NodeContext) -> str:
+        return ctx.outputs["p"] + ctx.outputs["q"]
+
+    env: LocalEnvironment = await env_factory([wf])
+    [worker] = env.workers
+    assert worker.system is not None
+    system = worker.system
+    emit = system.emit
+
+    async def emit_without_room(subject: str, payload: Any, **options: Any) -> Any:
+        if subject.endswith(".ready") and payload.get("outputs"):
+            raise UnencodableValue(f"{subject}: pretend it is too large")
+        return await emit(subject, payload, **options)
+
+    monkeypatch.setattr(system, "emit", emit_without_room)
+    handle = await env.client.start("big_ready", {})
+    assert await handle.result() == "pq"
+    journal = await env.client.journal(handle.run_id, "big_ready")
+    [ready] = [e for e in journal if e["node"] == "join" and e["kind"] == "ready"]
+    assert ready["data"]["outputs"] == {}
+
+
+def _returning(value: str) -> Any:
+    async def action(ctx: NodeContext) -> str:
+        return value
+
+    return action

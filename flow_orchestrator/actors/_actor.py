@@ -136,8 +136,7 @@ class Actor:
             delivered = _num_delivered(msg)
             if delivered >= self.spec.max_deliver > 1:
                 # Every earlier delivery crashed or stalled a worker: do not run it again.
-                await self.system.give_up(msg, self.spec.durable, delivered)
-                await msg.term()
+                await self.give_up(msg, delivered)
                 return
             await self.receive(msg)
         except asyncio.CancelledError:
@@ -153,6 +152,12 @@ class Actor:
             self._held.pop(id(msg), None)
             if self._feed is not None:
                 self._feed.done()
+
+    async def give_up(self, msg: Msg, delivered: int) -> None:
+        """The last allowed delivery of a message every earlier delivery of which crashed or stalled
+        its worker: dead-letter it (see :meth:`ActorSystem.give_up`)."""
+        await self.system.give_up(msg, self.spec.durable, delivered)
+        await msg.term()
 
     async def _reject(self, msg: Msg, exc: BaseException) -> None:
         reason = exc.reason if isinstance(exc, MessageError) else "poison"

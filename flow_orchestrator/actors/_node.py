@@ -1,8 +1,15 @@
 """``NodeActor``: runs one node of one workflow for every run, on whichever worker gets the event.
 
-It consumes its upstreams' ``completed`` events (the run's ``started`` event for a root, the
+It consumes its upstream's ``completed`` events (the run's ``started`` event for a root, the
 ``failed`` events of continue-on-error upstreams, and its own scheduled ``retry`` events) through one
 durable consumer shared by all workers, so JetStream hands each message to one worker at a time.
+
+A join (a node with several upstreams) does not consume their completions. The worker that publishes
+an upstream's completion records its arrival at the join itself, before acknowledging the message
+that started the upstream, and the arrival that completes the set publishes the join's ``ready``
+event (create-only, once per run), which the join consumes. A fan-in of 100 is then one delivery to
+the join instead of 100. A worker that dies between the completion and the arrival leaves that
+message unacknowledged: its redelivery finds the node completed and records the arrival then.
 
 One write per step: the node's ``completed`` event is published as a create-only compare-and-set on
 its subject (see ``bus/_journal.py``). It is the durable record of the output *and* the event its
@@ -32,13 +39,13 @@ from flow_orchestrator._errors import DataKeyNotFound, NonRetryableError, StateC
 from flow_orchestrator.actors import _records as rec
 from flow_orchestrator.actors._actor import TRANSIENT, Actor, ConsumerSpec, log
 from flow_orchestrator.actors._faults import crash_point
-from flow_orchestrator.actors._join import INLINE_OUTPUT_BYTES, NOT_INLINE, JoinBook
+from flow_orchestrator.actors._join import INLINE_OUTPUT_BYTES, NOT_INLINE
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode_event
-from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event, last_events
+from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event, last_events, last_message
 from flow_orchestrator.bus._propagation import EPOCH_HEADER, carried_headers, epoch_of
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
-from flow_orchestrator.bus.types import ExecuteNodeInput
+from flow_orchestrator.bus.types import ExecuteNodeInput, PublishInput
 from flow_orchestrator.runtime._context import NodeContext
 from flow_orchestrator.runtime._data import WorkflowData
 from flow_orchestrator.runtime._retry import NO_RETRY
@@ -69,7 +76,10 @@ class NodeActor(Actor):
     ) -> None:
         names = system.names
         wf = definition.name
-        subjects = [names.event(wf, "*", up, "completed") for up in spec.upstreams]
+        joins = len(spec.upstreams) > 1
+        # A join hears of its completed upstreams from its ``ready`` event (see the module's doc).
+        subjects = [names.event(wf, "*", spec.name, "ready")] if joins else []
+        subjects += [names.event(wf, "*", up, "completed") for up in spec.upstreams if not joins]
         subjects += [
             names.event(wf, "*", up, "failed")
             for up in spec.upstreams
@@ -93,7 +103,11 @@ class NodeActor(Actor):
         self.node = spec
         system.consumer_nodes[self.spec.durable] = (definition.name, spec.name)
         self._needed = frozenset(spec.upstreams)
-        self._joins = JoinBook(system.store, self._needed)
+        self._joins = system.join_book(wf, spec.name, spec.upstreams)
+        # The joins this node's completion arrives at: recorded by this actor, see the module's doc.
+        self._joins_below = tuple(
+            down for down in definition.downstreams[spec.name] if len(definition.nodes[down].upstreams) > 1
+        )
         self._action = self._wrap(spec)
 
     def _wrap(self, spec: NodeSpec) -> Any:
@@ -131,16 +145,14 @@ class NodeActor(Actor):
             closing, epoch = await self.system.run_state(run_id)
         closed = closing is not None
         # A failed run may be retried: its joins' arrivals are still recorded (a cancelled one may not).
-        joins = kind != "retry" and source != RUN_TOKEN and len(self._needed) > 1 and closing != "cancelled"
+        # (An arrival this consumer delivers: a continue-on-error upstream's failure.)
+        joins = kind == "failed" and len(self._needed) > 1 and closing != "cancelled"
         if closed and not joins and (not redelivered or closing == "cancelled"):
             await msg.ack()  # a closed run starts nothing; `flowctl retry` reissues what was ready
             return None
         payload = decode_event(msg.data, msg.subject)
-        if kind == "retry":
-            outputs = payload.get("outputs") or {}
-            if payload.get("outputs_in_journal"):  # too large to ride in the retry message
-                outputs = await self._gather_outputs(run_id, {})
-            attempt = Attempt(run_id, int(payload["attempt"]), payload.get("input"), outputs)
+        if kind in ("retry", "ready"):
+            attempt = await self._issued(run_id, kind, payload)
         elif source == RUN_TOKEN:
             attempt = Attempt(run_id, 1, payload.get("input"), {})
         elif len(self._needed) == 1:
@@ -167,8 +179,32 @@ class NodeActor(Actor):
             return attempt  # the usual case: a first delivery in a run never retried
         if await self._admitted(msg, attempt, closing=closing, redelivered=redelivered, claim=claim):
             return attempt
+        if redelivered and self._joins_below and closing != "cancelled":
+            # This node completed (or the message lost its claim): its worker may have died before
+            # recording the completion's arrivals at the joins below. Recording them is idempotent.
+            await self._arrive_again(run_id)
         await msg.ack()
         return None
+
+    async def give_up(self, msg: Msg, delivered: int) -> None:
+        # If this node completed, the message runs nothing: it was a bystander of a worker's crash
+        # loop (say a join crashing the worker it started on, just after this message's worker
+        # published the join's ready event). It owes at most its arrivals at the joins below.
+        _, run_id, _, _ = parse_event_subject(msg.subject)
+        if await self._arrive_again(run_id):
+            await msg.ack()
+            return
+        await super().give_up(msg, delivered)
+
+    async def _issued(self, run_id: str, kind: str, payload: dict[str, Any]) -> Attempt:
+        """The attempt a message names: a scheduled or reissued ``retry``, or a join's ``ready``."""
+        if kind == "ready":  # every upstream of this join arrived: see _arrive_below
+            outputs = await self._gather_outputs(run_id, payload.get("outputs") or {})
+            return Attempt(run_id, 1, payload.get("input"), outputs)
+        outputs = payload.get("outputs") or {}
+        if payload.get("outputs_in_journal"):  # too large to ride in the retry message
+            outputs = await self._gather_outputs(run_id, {})
+        return Attempt(run_id, int(payload["attempt"]), payload.get("input"), outputs)
 
     async def _admitted(
         self, msg: Msg, attempt: Attempt, *, closing: str | None, redelivered: int, claim: int
@@ -201,6 +237,51 @@ class NodeActor(Actor):
         ):
             return False
         attempt.trace[EPOCH_HEADER] = str(epoch)  # what follows from this attempt is of this epoch
+        return True
+
+    async def _arrive_below(
+        self, run_id: str, seq: int, event: dict[str, Any], headers: dict[str, str], size: int
+    ) -> bool:
+        """Record this node's completion (``event``, stored at stream sequence ``seq``, ``size``
+        bytes) at each join below it. Where it completes the set, publish the join's ``ready`` event,
+        carrying the outputs the join record holds; say whether it did. Called before the message
+        that started this node is acknowledged, and again on its redelivery: each step is idempotent."""
+        if self.system.gate.closed(run_id) == "cancelled":
+            return False
+        wf, names = self.definition.name, self.system.names
+        published = False
+        for join in self._joins_below:
+            book = self.system.join_book(wf, join, self.definition.nodes[join].upstreams)
+            inline = book.inlines_outputs and size <= INLINE_OUTPUT_BYTES
+            output = event.get("output") if inline else NOT_INLINE
+            record = await book.arrive(Names.join_key(run_id, join), self.node.name, seq, output)
+            if record is None or record.get("holder") != seq:
+                continue  # waiting for other upstreams, or another arrival completed the set
+            crash_point("node.after_join", join)
+            subject = names.event(wf, run_id, join, "ready")
+            ready = {"input": event.get("input"), "outputs": record.get("outputs") or {}}
+            # A conflict: it was published before this message's redelivery, and the join has it.
+            with contextlib.suppress(StateConflict):
+                try:
+                    await self.system.emit(subject, ready, headers={**headers, **EXPECT_NEW_SUBJECT})
+                except UnencodableValue:
+                    # The run's input and the outputs together are too large for one message (each
+                    # fitted in its own): the join reads the outputs from the journal instead.
+                    ready["outputs"] = {}
+                    await self.system.emit(subject, ready, headers={**headers, **EXPECT_NEW_SUBJECT})
+            published = True
+        return published
+
+    async def _arrive_again(self, run_id: str) -> bool:
+        """A redelivered message: record this node's completion at the joins below. Whether the
+        node completed in the run."""
+        subject = self._subject(run_id, "completed")
+        stored = await last_message(self.system.bus.js, self.system.names.events_stream, subject)
+        if stored is None or stored.seq is None:
+            return False
+        data = stored.data or b""
+        event, headers = decode_event(data, subject), carried_headers(stored.headers)
+        await self._arrive_below(run_id, stored.seq, event, headers, len(data))
         return True
 
     async def _join(
@@ -363,9 +444,24 @@ class NodeActor(Actor):
         body = {"output": output, "input": attempt.raw_input, **self._outcome(attempt)}
         subject = self._subject(attempt.run_id, "completed")
         headers = {**attempt.trace, **EXPECT_NEW_SUBJECT}
-        await self._publish_outcome(lambda: self.system.emit(subject, body, headers=headers))
+        published = await self._publish_outcome(lambda: self.system.emit(subject, body, headers=headers))
         crash_point("node.after_publish", self.node.name)
+        if not self._joins_below:
+            await msg.ack()
+            return
+        ready = False
+        if published is None or published.seq is None:
+            await self._arrive_again(attempt.run_id)  # an earlier try stored it, or a duplicate did
+        else:
+            headers = carried_headers(published.headers)
+            ready = await self._arrive_below(attempt.run_id, published.seq, body, headers, published.size)
         await msg.ack()
+        if ready:
+            # The join may start at once, here: see that this acknowledgement is out first. Were this
+            # worker to die before sending it, the message would come back (harmlessly, but a join
+            # that crashes its workers would take this bystander down with it, to the dead letters).
+            with contextlib.suppress(Exception):
+                await self.system.bus.nc.flush(timeout=1)
 
     async def _finish_failed(
         self, msg: Msg, attempt: Attempt, request: ExecuteNodeInput, exc: BaseException
@@ -402,23 +498,22 @@ class NodeActor(Actor):
             )
         await msg.ack()
 
-    async def _publish_outcome(self, publish: Callable[[], Awaitable[None]]) -> None:
+    async def _publish_outcome(self, publish: Callable[[], Awaitable[PublishInput]]) -> PublishInput | None:
         """Publish an attempt's outcome, retrying in place through a leader election or a reconnect:
         giving up would throw the finished work away and run the action again. A completion that
-        conflicts landed on an earlier try (or a racing duplicate won): the first one stands. The
-        message stays held meanwhile (heartbeats keep it), so no other worker takes the node."""
+        conflicts landed on an earlier try (or a racing duplicate won): the first one stands (None).
+        The message stays held meanwhile (heartbeats keep it), so no other worker takes the node."""
         delay = 0.05
         for _ in range(PUBLISH_TRIES):
             try:
-                await publish()
-                return
+                return await publish()
             except StateConflict:
-                return
+                return None
             except TRANSIENT as exc:
                 log.warning("%s: publishing an outcome failed (%s); retrying in %.2fs", self.name, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        await publish()  # a last try whose error reaches the actor's error policy
+        return await publish()  # a last try whose error reaches the actor's error policy
 
     def _data_of(self, run_id: str) -> WorkflowData:
         return WorkflowData(self.system.store, run_id, outputs=functools.partial(self._output_of, run_id))

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -19,6 +19,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from flow_orchestrator._bounded import remember
 from flow_orchestrator._errors import StateConflict, UnencodableValue
+from flow_orchestrator.actors._join import JoinBook
 from flow_orchestrator.bus._codec import decode, decode_event, encode
 from flow_orchestrator.bus._connection import Bus
 from flow_orchestrator.bus._dlq import Letter, dead_letter, rejected_subject
@@ -150,12 +151,22 @@ class ActorSystem:
         self.gate = RunGate()
         self.capacity = Capacity(max_in_flight)
         self.consumer_nodes: dict[str, tuple[str, str]] = {}  # durable consumer -> (workflow, node)
+        self._join_books: dict[tuple[str, str], JoinBook] = {}
         self.api_prefix = "$JS.API"
         self.announce_starts_after = 0.0  # seconds an attempt runs before its started event goes out
         self.chain: InterceptorChain  # set by the worker once interceptors are known
         self._gate_subs: list[Subscription] = []
         self._after_reconnecting: Callable[[], None] | None = None
         self._relearning: set[asyncio.Task[None]] = set()
+
+    def join_book(self, workflow: str, node: str, upstreams: Iterable[str]) -> JoinBook:
+        """This worker's arrivals at ``node``'s joins. The node's own actor records the arrivals its
+        consumer delivers (a continue-on-error upstream's failure); the upstreams' actors record their
+        completions themselves. One book per node, so all of a worker's arrivals at a join batch."""
+        book = self._join_books.get((workflow, node))
+        if book is None:
+            book = self._join_books[(workflow, node)] = JoinBook(self.store, frozenset(upstreams))
+        return book
 
     async def _api_call(self, call: Callable[[], Awaitable[T]], within: float = API_PATIENCE) -> T:
         """A JetStream API request, asked again while the server does not answer in time (busy,
@@ -219,17 +230,20 @@ class ActorSystem:
         msg_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         durable: bool = True,
-    ) -> None:
+    ) -> PublishInput:
         """Publish an event through the interceptor chain. ``durable`` waits for JetStream's ack (and
-        dedups by ``msg_id``); journal-only events are published without waiting."""
+        dedups by ``msg_id``); journal-only events are published without waiting. Returns what was
+        published: its headers as the interceptors left them, and where the stream stored it."""
         all_headers = dict(headers or {})
         if msg_id is not None:
             all_headers[MSG_ID] = msg_id
-        await self.chain.publish(
+        message = (
             PublishInput(subject, payload, all_headers)
             if durable
             else PublishInput(subject, payload, {**all_headers, "Flow-Journal": "1"})
         )
+        await self.chain.publish(message)
+        return message
 
     async def publish_terminal(self, message: PublishInput) -> None:
         """The innermost publish: encode and send."""
@@ -242,11 +256,13 @@ class ActorSystem:
             limit = self.bus.nc.max_payload
             if len(data) > limit - 4096 and len(data) + _header_bytes(headers) > limit:
                 raise nats.errors.MaxPayloadError
+            message.size = len(data)
             if journal:
                 await self.bus.nc.publish(message.subject, data, headers=headers or None)
                 return
             ack = await self.bus.js.publish(message.subject, data, headers=headers or None)
             message.duplicate = bool(ack.duplicate)
+            message.seq = ack.seq
         except nats.errors.MaxPayloadError as exc:  # not transient: the same bytes never fit
             raise UnencodableValue(
                 f"{message.subject}: {len(data)} bytes, more than the NATS server takes in one message "

@@ -17,7 +17,7 @@ import nats.js.errors as js_errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import DeliverPolicy, RawStreamMsg
 
 from flow_orchestrator.bus._codec import decode
 from flow_orchestrator.bus._reader import read_stored
@@ -41,12 +41,22 @@ async def last_event(
     stream's leader: on a cluster a direct get may be answered by a replica that lags behind.
     ``leader=False`` allows the faster direct get for reads that only inform.
     """
-    try:
-        msg = await js.get_last_msg(stream, subject, direct=not leader)
-    except js_errors.NotFoundError:
+    msg = await last_message(js, stream, subject, leader=leader)
+    if msg is None:
         return None
     payload = decode(msg.data) if msg.data else {}
     return payload if isinstance(payload, dict) else {"value": payload}
+
+
+async def last_message(
+    js: JetStreamContext, stream: str, subject: str, *, leader: bool = True
+) -> RawStreamMsg | None:
+    """The last message on ``subject`` as stored (sequence, headers, data), or ``None``; ``leader``
+    as for :func:`last_event`."""
+    try:
+        return await js.get_last_msg(stream, subject, direct=not leader)
+    except js_errors.NotFoundError:
+        return None
 
 
 MULTI_LAST_LIMIT = 1024  # subjects per batched direct get (the server's limit)

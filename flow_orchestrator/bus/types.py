@@ -48,6 +48,8 @@ class PublishInput:
     payload: Any
     headers: dict[str, str] = field(default_factory=dict)
     duplicate: bool = False  # set after publishing: JetStream had it already (message id seen)
+    seq: int | None = None  # set after a durable publish: the stream sequence JetStream stored it at
+    size: int = 0  # set after publishing: the encoded payload's bytes
 
 
 class TriggerCall(Protocol):
