@@ -64,12 +64,16 @@ async def test_only_triggers_can_be_replayed(env_factory: Any) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("point", ["node.before_action:d", "node.after_join:d"])
 async def test_crash_loop_message_is_dead_lettered_and_fails_its_run(
-    env_factory: Any, subprocess_env: dict[str, str], tmp_path: Path
+    point: str, env_factory: Any, subprocess_env: dict[str, str], tmp_path: Path
 ) -> None:
+    """``node.before_action:d``: the join d crashes every worker it starts on. ``node.after_join:d``:
+    the worker that completes d's last upstream crashes after recording the arrival, before d's
+    ready event, and so does each worker its message is redelivered to."""
     prefix = f"p{uuid.uuid4().hex[:8]}"
     env: LocalEnvironment = await env_factory([], prefix=prefix)
-    crashing = {**subprocess_env, "FLOW_TEST_MARKERS": str(tmp_path), "FLOW_CRASH_AT": "node.before_action:d"}
+    crashing = {**subprocess_env, "FLOW_TEST_MARKERS": str(tmp_path), "FLOW_CRASH_AT": point}
 
     def spawn(env: dict[str, str]) -> subprocess.Popen[bytes]:
         options = ("--ack-wait", "1", "--max-deliver", "3")
@@ -79,7 +83,7 @@ async def test_crash_loop_message_is_dead_lettered_and_fails_its_run(
     try:
         await eventually(lambda: _registered(env), within=30)
         handle = await env.client.start("crashy", {"x": 1})
-        # Every worker that takes d's message dies. Its third (last allowed) delivery is not run: the
+        # Every worker that takes the message dies. Its third (last allowed) delivery is not run: the
         # worker that gets it dead-letters it, and the run fails instead of hanging.
         for _ in range(2):
             await eventually(lambda: procs[-1].poll() is not None, within=30)
@@ -88,13 +92,18 @@ async def test_crash_loop_message_is_dead_lettered_and_fails_its_run(
             await handle.result()
         letters = await env.client.dead_letters("crashy")
         # The crash is at the join d, when nothing else of the run is in flight: the only message
-        # given up on is d's ready event (published by whichever of b and c completed last).
+        # given up on is d's ready event, or (crashing before it is out) the message that started
+        # whichever of b and c completed d's set.
         [letter] = [d for d in letters if d.reason == "max_deliveries"]
-        assert "consumer node_crashy_d " in letter.error
-        assert letter.subject == env.names.event("crashy", handle.run_id, "d", "ready")
         assert "gave up after 3 deliveries" in letter.error
+        if point == "node.before_action:d":
+            assert "consumer node_crashy_d " in letter.error
+            assert letter.subject == env.names.event("crashy", handle.run_id, "d", "ready")
+        else:
+            assert "consumer node_crashy_b " in letter.error or "consumer node_crashy_c " in letter.error
         snapshot = caught.value.status
         assert snapshot.nodes["d"].status.value == "failed"  # type: ignore[attr-defined]
+        assert snapshot.nodes["b"].status.value == snapshot.nodes["c"].status.value == "completed"  # type: ignore[attr-defined]
     finally:
         stop_all(procs)
 

@@ -8,7 +8,7 @@ from typing import Any
 import nats.errors
 import pytest
 
-from flow_orchestrator import NodeContext, Workflow
+from flow_orchestrator import NodeContext, RunFailed, Workflow
 from flow_orchestrator._errors import UnencodableValue
 from flow_orchestrator.actors import _join
 from flow_orchestrator.actors._join import JoinBook, JoinNotRecorded
@@ -287,3 +287,33 @@ def _returning(value: str) -> Any:
         return value
 
     return action
+
+
+async def test_an_arrival_that_cannot_be_recorded_fails_the_join_visibly(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstreams completed but their arrivals cannot be written (the join record's writes time
+    out, as in a long KV outage): at their messages' last allowed delivery the join is failed, so
+    the run ends (and can be retried) instead of waiting for ever."""
+    wf = Workflow("unrecordable")
+    for name in ("p", "q"):
+        wf.node(name)(_returning(name))
+
+    @wf.node(depends_on=["p", "q"])
+    async def join(ctx: NodeContext) -> str:
+        return ctx.outputs["p"] + ctx.outputs["q"]
+
+    async def timing_out(self: Any, key: str, batch: Any, holder: int) -> Any:
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(_join.JoinBook, "_write", timing_out)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
+    handle = await env.client.start("unrecordable", {})
+    with pytest.raises(RunFailed, match="dead-lettered") as caught:
+        await handle.result()
+    nodes = caught.value.status.nodes  # type: ignore[attr-defined]
+    assert nodes["join"].status.value == "failed"
+    assert nodes["p"].status.value == nodes["q"].status.value == "completed"
+    letters = await env.client.dead_letters("unrecordable")
+    assert letters
+    assert {letter.reason for letter in letters} == {"max_deliveries"}

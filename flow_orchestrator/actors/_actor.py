@@ -136,7 +136,7 @@ class Actor:
             delivered = _num_delivered(msg)
             if delivered >= self.spec.max_deliver > 1:
                 # Every earlier delivery crashed or stalled a worker: do not run it again.
-                await self.give_up(msg, delivered)
+                await self._give_up(msg, delivered)
                 return
             await self.receive(msg)
         except asyncio.CancelledError:
@@ -158,6 +158,16 @@ class Actor:
         its worker: dead-letter it (see :meth:`ActorSystem.give_up`)."""
         await self.system.give_up(msg, self.spec.durable, delivered)
         await msg.term()
+
+    async def _give_up(self, msg: Msg, delivered: int) -> None:
+        try:
+            await self.give_up(msg, delivered)
+        except Exception as exc:
+            # The server delivers it no more, whatever this worker does: say so where it can be seen.
+            subject = msg.subject
+            log.error("%s: giving up on %s failed (it is not delivered again): %r", self.name, subject, exc)
+            with contextlib.suppress(Exception):
+                await msg.term()
 
     async def _reject(self, msg: Msg, exc: BaseException) -> None:
         reason = exc.reason if isinstance(exc, MessageError) else "poison"

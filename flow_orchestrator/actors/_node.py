@@ -187,14 +187,40 @@ class NodeActor(Actor):
         return None
 
     async def give_up(self, msg: Msg, delivered: int) -> None:
-        # If this node completed, the message runs nothing: it was a bystander of a worker's crash
-        # loop (say a join crashing the worker it started on, just after this message's worker
-        # published the join's ready event). It owes at most its arrivals at the joins below.
+        # If this node completed, the message would run nothing: what it may still owe is its
+        # arrival at a join below, or that join's ready event. Redoing that here could crash or fail
+        # again, and nothing would follow (this is the last delivery): the joins owed fail instead,
+        # so the run fails visibly and `flowctl retry` can reissue them. A message that owes nothing
+        # was a bystander of a worker's crash loop (say a join crashing the worker it started on,
+        # just after this message's worker published the join's ready event): acknowledged.
         _, run_id, _, _ = parse_event_subject(msg.subject)
-        if await self._arrive_again(run_id):
+        owed = await self._owed(run_id)
+        if owed is None:
+            await super().give_up(msg, delivered)
+        elif owed:
+            waiting = [(self.definition.name, join) for join in owed]
+            await self.system.give_up(msg, self.spec.durable, delivered, waiting=waiting)
+            await msg.term()
+        else:
             await msg.ack()
-            return
-        await super().give_up(msg, delivered)
+
+    async def _owed(self, run_id: str) -> list[str] | None:
+        """The joins below still waiting for this node's arrival or its ready event (None: the node
+        has not completed)."""
+        js, names = self.system.bus.js, self.system.names
+        stored = await last_message(js, names.events_stream, self._subject(run_id, "completed"))
+        if stored is None:
+            return None
+        owed = []
+        for join in self._joins_below:
+            ready = names.event(self.definition.name, run_id, join, "ready")
+            if await last_message(js, names.events_stream, ready) is not None:
+                continue
+            found = await self.system.store.get(Names.join_key(run_id, join))
+            record = (found.value if found is not None else None) or {}
+            if self.node.name not in record.get("arrived", ()) or record.get("holder") == stored.seq:
+                owed.append(join)  # its arrival was not recorded, or it completed the set
+        return owed
 
     async def _issued(self, run_id: str, kind: str, payload: dict[str, Any]) -> Attempt:
         """The attempt a message names: a scheduled or reissued ``retry``, or a join's ``ready``."""

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -365,16 +365,21 @@ class ActorSystem:
         if not task.cancelled() and task.exception() is not None:
             log.warning("could not read past run retries after reconnecting: %s", task.exception())
 
-    async def give_up(self, msg: Msg, consumer: str, deliveries: int) -> None:
+    async def give_up(
+        self, msg: Msg, consumer: str, deliveries: int, waiting: Sequence[tuple[str, str]] | None = None
+    ) -> None:
         """The last allowed delivery of a message whose every earlier delivery crashed or stalled its
-        worker: dead-letter it instead of running it again. If a node was waiting on it, report that
-        node's attempt failed, so the run fails visibly instead of hanging."""
+        worker: dead-letter it instead of running it again. Report the attempt of each node waiting
+        on it (``waiting``, (workflow, node) pairs; by default the consumer's node) failed, so the
+        run fails visibly instead of hanging."""
         letter = Letter.of(msg)
         reason = f"consumer {consumer} gave up after {deliveries} deliveries (each crashed or timed out)"
         await self.dead_letter(letter, reason="max_deliveries", error=reason)
-        waiting = self.consumer_nodes.get(consumer)
-        if waiting is not None:
-            await self._fail_waiting_node(*waiting, letter=letter, reason=reason)
+        if waiting is None:
+            node = self.consumer_nodes.get(consumer)
+            waiting = [node] if node is not None else []
+        for workflow, name in waiting:
+            await self._fail_waiting_node(workflow, name, letter=letter, reason=reason)
 
     async def _fail_waiting_node(self, workflow: str, node: str, *, letter: Letter, reason: str) -> None:
         _, run_id, _, _ = parse_event_subject(letter.subject)
