@@ -1162,3 +1162,71 @@ async def test_a_dead_letter_report_from_before_the_retry_does_not_fail_the_retr
     release.set()
     async with asyncio.timeout(15):
         assert await handle.result() == 7
+
+
+async def test_nodes_below_a_claim_won_against_the_retry_claim_too(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A completion from before the retry reaches b after the retry began: it claims b for the retry's
+    epoch and b completes before the retry reads the journal. The retry then finds b's downstream
+    nodes (the join j, and d) ready and issues them, while b's completion starts them too. Each runs
+    once: b's lineage won a claim, so what it starts claims as well (it used to start them without
+    one, as if the retry had issued them). d's scheduled retry is not held up by the claim."""
+    monkeypatch.setattr(_resume, "ANNOUNCED_WITHIN", 2.0)  # b completes inside the retry's wait
+    wf = Workflow("claimed_below")
+    calls, count = _counter()
+    broken = {"yes": True}
+
+    @wf.node()
+    async def s(ctx: NodeContext) -> int:
+        return 1
+
+    @wf.node(depends_on=[s])
+    async def b(ctx: NodeContext) -> int:
+        count(ctx)
+        return 2
+
+    @wf.node(depends_on=[s])
+    async def c(ctx: NodeContext) -> int:
+        return 3
+
+    @wf.node(depends_on=[s])
+    async def x(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.2)  # b's message is held back (below) while x fails
+        if broken["yes"]:
+            raise NonRetryableError("x broke")
+        return 4
+
+    @wf.node(depends_on=[b, c])
+    async def j(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.3)
+        return ctx.outputs["b"] + ctx.outputs["c"]
+
+    @wf.node(depends_on=[b], retry=RetryPolicy(max_attempts=2, initial=0.1, jitter=0.0))
+    async def d(ctx: NodeContext) -> int:
+        count(ctx)
+        await asyncio.sleep(0.3)
+        if ctx.attempt == 1:  # its scheduled retry continues the node its lineage claimed: no claim
+            raise ConnectionError("d's first attempt fails")
+        return 5
+
+    env: LocalEnvironment = await env_factory([wf])
+    js, stream = env.client.bus.js, env.names.events_stream
+    held = [env.names.node_consumer("claimed_below", node) for node in ("b", "j", "d")]
+    for consumer in held:
+        await js.pause_consumer(stream, consumer, "2099-01-01T00:00:00Z")
+    handle = await env.client.start("claimed_below", {})
+    with pytest.raises(RunFailed, match="x broke"):
+        await handle.result()
+    broken["yes"] = False
+    retry = asyncio.ensure_future(handle.retry())
+    await eventually(lambda: _recorded(env, handle, "_run", "resumed"), within=10)
+    await js.resume_consumer(stream, held[0])  # s's completion, from before the retry, reaches b
+    assert sorted(await retry) == ["d", "j", "x"]  # b completed before the retry read the journal
+    for consumer in held[1:]:
+        await js.resume_consumer(stream, consumer)
+    assert await handle.result() == {"j": 5, "d": 5, "x": 4}
+    await asyncio.sleep(1.0)  # a second start would have begun by now
+    assert calls == {"x": [1, 2], "b": [1], "j": [1], "d": [1, 2]}

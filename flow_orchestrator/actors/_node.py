@@ -43,7 +43,7 @@ from flow_orchestrator.actors._join import INLINE_OUTPUT_BYTES, NOT_INLINE
 from flow_orchestrator.actors._system import ActorSystem
 from flow_orchestrator.bus._codec import decode_event
 from flow_orchestrator.bus._journal import EXPECT_NEW_SUBJECT, last_event, last_events, last_message
-from flow_orchestrator.bus._propagation import EPOCH_HEADER, carried_headers, epoch_of
+from flow_orchestrator.bus._propagation import CLAIMED_HEADER, EPOCH_HEADER, carried_headers, epoch_of
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.bus.types import ExecuteNodeInput, PublishInput
 from flow_orchestrator.runtime._context import NodeContext
@@ -62,6 +62,7 @@ class Attempt:
     outputs: dict[str, Any]
     started_at: float = 0.0
     trace: dict[str, str] = field(default_factory=dict)
+    issued_by: int = 0  # the epoch of the `flowctl retry` that issued its message (0: none)
     # Its started event: due (a timer, dropped once it fires: a held run keeps no spent handle),
     # then being published.
     timer: asyncio.TimerHandle | None = None
@@ -172,9 +173,14 @@ class NodeActor(Actor):
         attempt.trace = carried_headers(msg.headers)
         # After a retry, a message from before it (an upstream's completion, a scheduled retry, a
         # redelivery) and the retry's own reissue may both want to start this node: one claim decides.
-        claim = int(payload.get("resume") or 0) if kind == "retry" else 0
+        claim = attempt.issued_by = int(payload.get("resume") or 0) if kind == "retry" else 0
         if (claim or epoch) and epoch_of(msg.headers) < epoch:
             claim = epoch  # a message from before the last retry (a reissue of an earlier one, too)
+        claimed = epoch_of(msg.headers, CLAIMED_HEADER)
+        if claimed and kind != "retry":
+            # Its lineage won a claim against the retry, which may have issued this node as well. (A
+            # scheduled retry continues the node its lineage already holds: no claim.)
+            claim = max(claim, epoch, claimed)
         if closing is None and not redelivered and not claim:
             return attempt  # the usual case: a first delivery in a run never retried
         if await self._admitted(msg, attempt, closing=closing, redelivered=redelivered, claim=claim):
@@ -263,6 +269,12 @@ class NodeActor(Actor):
         ):
             return False
         attempt.trace[EPOCH_HEADER] = str(epoch)  # what follows from this attempt is of this epoch
+        if attempt.issued_by == epoch:
+            attempt.trace.pop(CLAIMED_HEADER, None)  # the retry's own issue: nothing below is issued
+        else:
+            # Won against the retry, which may read the journal after this node completes and find
+            # its downstream nodes ready: they must claim too, and so on down.
+            attempt.trace[CLAIMED_HEADER] = str(epoch)
         return True
 
     async def _arrive_below(

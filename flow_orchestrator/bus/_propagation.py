@@ -13,7 +13,11 @@ TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 # Which ``flowctl retry`` of its run a message descends from (absent: none). The engine sets it on the
 # messages a retry issues and carries it like the trace context; a trigger's own value is never taken.
 EPOCH_HEADER = "Flow-Epoch"
-_CARRIED = (*TRACE_HEADERS, EPOCH_HEADER)
+# The retry epoch in which a message's lineage started a node by winning a claim against the retry
+# (absent: its lineage was issued by the retry, or no claim was needed). The retry may have issued
+# that node's downstream nodes too (it read the journal after the claim), so these claim as well.
+CLAIMED_HEADER = "Flow-Claimed"
+_CARRIED = (*TRACE_HEADERS, EPOCH_HEADER, CLAIMED_HEADER)
 
 
 def trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -31,7 +35,8 @@ def carried_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     return {name: headers[name] for name in _CARRIED if name in headers}
 
 
-def epoch_of(headers: Mapping[str, str] | None) -> int:
-    """The retry epoch a message descends from (0: from before any retry, or not a number)."""
-    value = headers.get(EPOCH_HEADER) if headers else None
+def epoch_of(headers: Mapping[str, str] | None, header: str = EPOCH_HEADER) -> int:
+    """The retry epoch a message descends from (0: from before any retry, or not a number); with
+    ``header=CLAIMED_HEADER``, the epoch in which its lineage won a claim."""
+    value = headers.get(header) if headers else None
     return int(value) if value is not None and value.isascii() and value.isdigit() else 0

@@ -23,9 +23,12 @@ Messages from before the retry may still be on their way (an upstream's completi
 retry, a redelivery) and would start a node the retry also reissued. So after a retry, whichever of
 them and the reissue comes first *claims* the node for the epoch (a create-only key,
 ``claim.<run>.<node>.<epoch>``); the others start nothing. Messages issued from the retry on carry
-its epoch (``Flow-Epoch``) and need no claim. Workers know a run's epoch from the ``resumed`` event
-(and read past ones at start and after reconnecting), from its record when they saw it fail, and
-ask the record for every retry message, and for a redelivery when they know of no retry.
+its epoch (``Flow-Epoch``) and need no claim, except below a node that a message from before the
+retry won: the retry may have read the journal after that node completed and issued the nodes below
+it, so those messages carry ``Flow-Claimed`` and claim too. Workers know a run's epoch from the
+``resumed`` event (and read past ones at start and after reconnecting), from its record when they
+saw it fail, and ask the record for every retry message, and for a redelivery when they know of no
+retry.
 """
 
 from __future__ import annotations
