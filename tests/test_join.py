@@ -255,15 +255,7 @@ async def test_a_ready_event_too_large_for_its_outputs_leaves_them_in_the_journa
 ) -> None:
     """The join's ready event carries the outputs its record holds; should that not fit in one
     message with the run's input, it goes out without them and the join reads them back."""
-    wf = Workflow("big_ready")
-    for name in ("p", "q"):
-        wf.node(name)(_returning(name))
-
-    @wf.node(depends_on=["p", "q"])
-    async def join(ctx: NodeContext) -> str:
-        return ctx.outputs["p"] + ctx.outputs["q"]
-
-    env: LocalEnvironment = await env_factory([wf])
+    env: LocalEnvironment = await env_factory([_two_into_one("big_ready")])
     [worker] = env.workers
     assert worker.system is not None
     system = worker.system
@@ -282,11 +274,24 @@ async def test_a_ready_event_too_large_for_its_outputs_leaves_them_in_the_journa
     assert ready["data"]["outputs"] == {}
 
 
-def _returning(value: str) -> Any:
-    async def action(ctx: NodeContext) -> str:
-        return value
+def _two_into_one(name: str) -> Workflow:
+    """p and q, each returning its name, and their join returning both."""
+    wf = Workflow(name)
 
-    return action
+    def returning(value: str) -> Any:
+        async def action(ctx: NodeContext) -> str:
+            return value
+
+        return action
+
+    for upstream in ("p", "q"):
+        wf.node(upstream)(returning(upstream))
+
+    @wf.node(depends_on=["p", "q"])
+    async def join(ctx: NodeContext) -> str:
+        return ctx.outputs["p"] + ctx.outputs["q"]
+
+    return wf
 
 
 async def test_an_arrival_that_cannot_be_recorded_fails_the_join_visibly(
@@ -295,19 +300,12 @@ async def test_an_arrival_that_cannot_be_recorded_fails_the_join_visibly(
     """The upstreams completed but their arrivals cannot be written (the join record's writes time
     out, as in a long KV outage): at their messages' last allowed delivery the join is failed, so
     the run ends (and can be retried) instead of waiting for ever."""
-    wf = Workflow("unrecordable")
-    for name in ("p", "q"):
-        wf.node(name)(_returning(name))
-
-    @wf.node(depends_on=["p", "q"])
-    async def join(ctx: NodeContext) -> str:
-        return ctx.outputs["p"] + ctx.outputs["q"]
 
     async def timing_out(self: Any, key: str, batch: Any, holder: int) -> Any:
         raise nats.errors.TimeoutError
 
     monkeypatch.setattr(_join.JoinBook, "_write", timing_out)
-    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
+    env: LocalEnvironment = await env_factory([_two_into_one("unrecordable")], max_deliver=3, ack_wait=1.0)
     handle = await env.client.start("unrecordable", {})
     with pytest.raises(RunFailed, match="dead-lettered") as caught:
         await handle.result()
