@@ -12,8 +12,8 @@ from flow_orchestrator import NodeContext, RunFailed, Workflow
 from flow_orchestrator._errors import UnencodableValue
 from flow_orchestrator.actors import _join
 from flow_orchestrator.actors._join import JoinBook, JoinNotRecorded
-from flow_orchestrator.bus import _journal, encode
-from flow_orchestrator.testing import LocalEnvironment
+from flow_orchestrator.bus import _journal, _kv, encode
+from flow_orchestrator.testing import LocalEnvironment, eventually
 
 
 async def test_a_failed_batched_write_loses_no_arrival(
@@ -315,3 +315,73 @@ async def test_an_arrival_that_cannot_be_recorded_fails_the_join_visibly(
     letters = await env.client.dead_letters("unrecordable")
     assert letters
     assert {letter.reason for letter in letters} == {"max_deliveries"}
+
+
+async def test_a_give_up_during_an_outage_waits_it_out(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, and at the messages' last delivery the join record cannot even be read (the same
+    outage): the give-up tries again until it can, instead of dropping the message unreported."""
+    outage = asyncio.get_running_loop().time() + 3.0
+    real_get = _kv.StateStore.get
+
+    async def timing_out(self: Any, key: str, batch: Any, holder: int) -> Any:
+        raise nats.errors.TimeoutError
+
+    async def get(self: Any, key: str) -> Any:
+        if key.startswith("join.") and asyncio.get_running_loop().time() < outage:
+            raise nats.errors.TimeoutError
+        return await real_get(self, key)
+
+    monkeypatch.setattr(_join.JoinBook, "_write", timing_out)
+    monkeypatch.setattr(_kv.StateStore, "get", get)
+    env: LocalEnvironment = await env_factory([_two_into_one("outage")], max_deliver=3, ack_wait=1.0)
+    handle = await env.client.start("outage", {})
+    with pytest.raises(RunFailed, match="dead-lettered") as caught:
+        await handle.result()
+    assert asyncio.get_running_loop().time() >= outage
+    assert caught.value.status.nodes["join"].status.value == "failed"  # type: ignore[attr-defined]
+
+
+async def test_a_give_up_in_a_cancelled_run_owes_no_arrival(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancelled run records no arrivals: an upstream's message given up after the cancel is
+    acknowledged, not dead-lettered, and the join is cancelled, not failed."""
+    wf = Workflow("owed_cancelled")
+    cancelled = asyncio.Event()
+
+    @wf.node()
+    async def a(ctx: NodeContext) -> str:
+        return "a"
+
+    @wf.node()
+    async def b(ctx: NodeContext) -> str:
+        await asyncio.sleep(30)
+        return "b"
+
+    @wf.node(depends_on=["a", "b"])
+    async def join(ctx: NodeContext) -> str:
+        return "never"
+
+    real_write = _join.JoinBook._write
+    tries = {"a": 0}
+
+    async def write(self: Any, key: str, batch: Any, holder: int) -> Any:
+        if "a" in batch:  # a's arrival fails; its second try fails after the cancel: then comes
+            tries["a"] += 1  # its last delivery, which goes to the give-up, not to the run's gate
+            if tries["a"] == 2:
+                await cancelled.wait()
+            raise nats.errors.TimeoutError
+        return await real_write(self, key, batch, holder)
+
+    monkeypatch.setattr(_join.JoinBook, "_write", write)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
+    handle = await env.client.start("owed_cancelled", {})
+    await eventually(lambda: tries["a"] == 2, within=10)
+    await handle.cancel("stop")
+    cancelled.set()
+    await asyncio.sleep(3.0)  # a's message reaches its last delivery
+    status = await handle.status()
+    assert status.nodes["join"].status.value == "cancelled"  # type: ignore[union-attr]
+    assert await env.client.dead_letters("owed_cancelled") == []

@@ -30,6 +30,7 @@ from flow_orchestrator.bus._pull import Capacity, PullFeed
 
 log = logging.getLogger("flow_orchestrator.actors")
 TRANSIENT = (nats.errors.Error, js_errors.Error, asyncio.TimeoutError, ConnectionError, OSError)
+GIVE_UP_TRIES = 20  # about a minute and a half of backoff for a message's last delivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,14 +161,28 @@ class Actor:
         await msg.term()
 
     async def _give_up(self, msg: Msg, delivered: int) -> None:
+        """:meth:`give_up`, tried again in place through transient errors (the server delivers the
+        message no more, so this is its last chance; heartbeats keep it held meanwhile). Should that
+        keep failing, the message is still dead-lettered, without its report."""
+        delay = 0.1
+        for _ in range(GIVE_UP_TRIES):
+            try:
+                await self.give_up(msg, delivered)
+                return
+            except TRANSIENT as exc:
+                subject = msg.subject
+                log.warning("%s: giving up on %s failed (%r); again in %.1fs", self.name, subject, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception as exc:
+                log.error("%s: giving up on %s failed: %r", self.name, msg.subject, exc)
+                break
         try:
-            await self.give_up(msg, delivered)
+            error = "its last delivery could not be handled"
+            await self.system.dead_letter(msg, reason="max_deliveries", error=error)
+            await msg.term()
         except Exception as exc:
-            # The server delivers it no more, whatever this worker does: say so where it can be seen.
-            subject = msg.subject
-            log.error("%s: giving up on %s failed (it is not delivered again): %r", self.name, subject, exc)
-            with contextlib.suppress(Exception):
-                await msg.term()
+            log.error("%s: %s is lost: it could not be dead-lettered (%r)", self.name, msg.subject, exc)
 
     async def _reject(self, msg: Msg, exc: BaseException) -> None:
         reason = exc.reason if isinstance(exc, MessageError) else "poison"

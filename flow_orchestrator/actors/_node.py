@@ -217,6 +217,9 @@ class NodeActor(Actor):
         stored = await last_message(js, names.events_stream, self._subject(run_id, "completed"))
         if stored is None:
             return None
+        closing, _ = await self.system.run_state(run_id)
+        if closing == "cancelled":
+            return []  # a cancelled run records no arrivals (see _arrive_below): nothing is owed
         owed = []
         for join in self._joins_below:
             ready = names.event(self.definition.name, run_id, join, "ready")
