@@ -385,3 +385,49 @@ async def test_a_give_up_in_a_cancelled_run_owes_no_arrival(
     status = await handle.status()
     assert status.nodes["join"].status.value == "cancelled"  # type: ignore[union-attr]
     assert await env.client.dead_letters("owed_cancelled") == []
+
+
+async def test_a_join_failed_before_its_upstreams_resolved_waits_for_them_after_a_retry(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a's arrival cannot be recorded, so its give-up fails the join while b still runs. The retry
+    reissues the join; it must not start with b's output missing. The retry's message records a's
+    arrival instead, and b's completion, when it comes, makes the join ready."""
+    wf = Workflow("early_join")
+    seen: list[dict[str, Any]] = []
+    release = asyncio.Event()
+
+    @wf.node()
+    async def a(ctx: NodeContext) -> str:
+        return "A"
+
+    @wf.node()
+    async def b(ctx: NodeContext) -> str:
+        await release.wait()  # still running when the run fails and is retried
+        return "B"
+
+    @wf.node(depends_on=["a", "b"])
+    async def join(ctx: NodeContext) -> str:
+        seen.append(dict(ctx.outputs))
+        return f"{ctx.outputs['a']}+{ctx.outputs['b']}"
+
+    real_write = _join.JoinBook._write
+    broken = {"yes": True}
+
+    async def write(self: Any, key: str, batch: Any, holder: int) -> Any:
+        if broken["yes"] and "a" in batch:
+            raise nats.errors.TimeoutError
+        return await real_write(self, key, batch, holder)
+
+    monkeypatch.setattr(_join.JoinBook, "_write", write)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
+    handle = await env.client.start("early_join", {})
+    with pytest.raises(RunFailed, match="dead-lettered"):
+        await handle.result()
+    broken["yes"] = False
+    assert await handle.retry() == ["join"]
+    await asyncio.sleep(1.0)
+    assert seen == []  # b has not resolved: the join waits
+    release.set()
+    assert await handle.result() == "A+B"
+    assert seen == [{"a": "A", "b": "B"}]

@@ -152,6 +152,7 @@ class NodeActor(Actor):
             await msg.ack()  # a closed run starts nothing; `flowctl retry` reissues what was ready
             return None
         payload = decode_event(msg.data, msg.subject)
+        attempt: Attempt | None
         if kind in ("retry", "ready"):
             attempt = await self._issued(run_id, kind, payload)
         elif source == RUN_TOKEN:
@@ -166,10 +167,10 @@ class NodeActor(Actor):
             # A closed run's arrival is still recorded, and nothing starts: if the run is retried, the
             # join counts this upstream (its completion is not delivered again), and a join decided
             # meanwhile is one the retry finds ready and reissues.
-            if joined is None or (closed and not redelivered):
-                await msg.ack()
-                return None
-            attempt = joined
+            attempt = None if closed and not redelivered else joined
+        if attempt is None:
+            await msg.ack()
+            return None
         attempt.trace = carried_headers(msg.headers)
         # After a retry, a message from before it (an upstream's completion, a scheduled retry, a
         # redelivery) and the retry's own reissue may both want to start this node: one claim decides.
@@ -231,8 +232,40 @@ class NodeActor(Actor):
                 owed.append(join)  # its arrival was not recorded, or it completed the set
         return owed
 
-    async def _issued(self, run_id: str, kind: str, payload: dict[str, Any]) -> Attempt:
-        """The attempt a message names: a scheduled or reissued ``retry``, or a join's ``ready``."""
+    async def _resolved_or_recorded(self, run_id: str) -> bool:
+        """Whether every upstream of this join is resolved, as a retry of it expects. A join can be
+        failed, and so retried, before that: its failure was reported by the give-up of a message
+        whose arrival could not be recorded (see :meth:`give_up`). Then record the arrivals of the
+        upstreams resolved so far (the journal has them), so that the last to resolve makes the join
+        ready, and start nothing now."""
+        js, nc, names, wf = self.system.bus.js, self.system.bus.nc, self.system.names, self.definition.name
+        upstreams = self.node.upstreams
+        completions = {up: names.event(wf, run_id, up, "completed") for up in upstreams}
+        # A continue-on-error upstream's final failure resolves it too.
+        failures = {
+            up: names.event(wf, run_id, up, "failed")
+            for up in upstreams
+            if self.definition.nodes[up].continue_on_error
+        }
+        found = await last_events(nc, js, names.events_stream, [*completions.values(), *failures.values()])
+        completed = {up for up, subject in completions.items() if found.get(subject)}
+        resolved = completed | {up for up, subject in failures.items() if found.get(subject)}
+        if len(resolved) == len(upstreams):
+            return True
+        for up in resolved:  # the stored events again, for their sequences (a rare path)
+            subject = names.event(wf, run_id, up, "completed" if up in completed else "failed")
+            stored = await last_message(js, names.events_stream, subject)
+            if stored is not None and stored.seq is not None:
+                data = stored.data or b""
+                event, headers = decode_event(data, subject), carried_headers(stored.headers)
+                await self._arrive_at(self.node.name, up, run_id, stored.seq, event, headers, len(data))
+        return False
+
+    async def _issued(self, run_id: str, kind: str, payload: dict[str, Any]) -> Attempt | None:
+        """The attempt a message names: a scheduled or reissued ``retry``, or a join's ``ready``.
+        None for a retry of a join not every upstream of which is resolved yet."""
+        if kind == "retry" and len(self._needed) > 1 and not await self._resolved_or_recorded(run_id):
+            return None  # the last upstream to resolve starts it
         if kind == "ready":  # every upstream of this join arrived: see _arrive_below
             outputs = await self._gather_outputs(run_id, payload.get("outputs") or {})
             return Attempt(run_id, 1, payload.get("input"), outputs)
@@ -289,29 +322,44 @@ class NodeActor(Actor):
         that started this node is acknowledged, and again on its redelivery: each step is idempotent."""
         if self.system.gate.closed(run_id) == "cancelled":
             return False
-        wf, names = self.definition.name, self.system.names
         published = False
         for join in self._joins_below:
-            book = self.system.join_book(wf, join, self.definition.nodes[join].upstreams)
-            inline = book.inlines_outputs and size <= INLINE_OUTPUT_BYTES
-            output = event.get("output") if inline else NOT_INLINE
-            record = await book.arrive(Names.join_key(run_id, join), self.node.name, seq, output)
-            if record is None or record.get("holder") != seq:
-                continue  # waiting for other upstreams, or another arrival completed the set
-            crash_point("node.after_join", join)
-            subject = names.event(wf, run_id, join, "ready")
-            ready = {"input": event.get("input"), "outputs": record.get("outputs") or {}}
-            # A conflict: it was published before this message's redelivery, and the join has it.
-            with contextlib.suppress(StateConflict):
-                try:
-                    await self.system.emit(subject, ready, headers={**headers, **EXPECT_NEW_SUBJECT})
-                except UnencodableValue:
-                    # The run's input and the outputs together are too large for one message (each
-                    # fitted in its own): the join reads the outputs from the journal instead.
-                    ready["outputs"] = {}
-                    await self.system.emit(subject, ready, headers={**headers, **EXPECT_NEW_SUBJECT})
-            published = True
+            if await self._arrive_at(join, self.node.name, run_id, seq, event, headers, size):
+                published = True
         return published
+
+    async def _arrive_at(  # noqa: PLR0917 (the stored event's parts, as _arrive_below has them)
+        self,
+        join: str,
+        source: str,
+        run_id: str,
+        seq: int,
+        event: dict[str, Any],
+        headers: dict[str, str],
+        size: int,
+    ) -> bool:
+        """Record ``source``'s arrival at ``join``; publish the join's ready event if it completes
+        the set (whether it did)."""
+        wf = self.definition.name
+        book = self.system.join_book(wf, join, self.definition.nodes[join].upstreams)
+        inline = book.inlines_outputs and size <= INLINE_OUTPUT_BYTES
+        output = event.get("output") if inline else NOT_INLINE
+        record = await book.arrive(Names.join_key(run_id, join), source, seq, output)
+        if record is None or record.get("holder") != seq:
+            return False  # waiting for other upstreams, or another arrival completed the set
+        crash_point("node.after_join", join)
+        subject = self.system.names.event(wf, run_id, join, "ready")
+        ready = {"input": event.get("input"), "outputs": record.get("outputs") or {}}
+        # A conflict: it was published before this message's redelivery, and the join has it.
+        with contextlib.suppress(StateConflict):
+            try:
+                await self.system.emit(subject, ready, headers={**headers, **EXPECT_NEW_SUBJECT})
+            except UnencodableValue:
+                # The run's input and the outputs together are too large for one message (each
+                # fitted in its own): the join reads the outputs from the journal instead.
+                ready["outputs"] = {}
+                await self.system.emit(subject, ready, headers={**headers, **EXPECT_NEW_SUBJECT})
+        return True
 
     async def _arrive_again(self, run_id: str) -> bool:
         """A redelivered message: record this node's completion at the joins below. Whether the
