@@ -1230,3 +1230,86 @@ async def test_nodes_below_a_claim_won_against_the_retry_claim_too(
     assert await handle.result() == {"j": 5, "d": 5, "x": 4}
     await asyncio.sleep(1.0)  # a second start would have begun by now
     assert calls == {"x": [1, 2], "b": [1], "j": [1], "d": [1, 2]}
+
+
+async def test_a_reissue_given_up_after_the_retry_fails_the_run(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every delivery of the retry's own message for x stalls its worker: at the last one it is
+    dead-lettered, and its report fails the run. (The report lost the message's retry epoch, so the
+    supervisor took it for a stale report of an attempt from before the retry: the run hung.)"""
+    wf = Workflow("poisoned_reissue")
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> int:
+        if ctx.attempt == 1:
+            raise NonRetryableError("x broke")
+        return 7
+
+    real = NodeActor._run_attempt
+
+    async def run_attempt(self: Any, msg: Any, attempt: Any) -> None:
+        if self.node.name == "x" and attempt.attempt >= 2:
+            raise ConnectionError("the worker stalls on x's reissue")
+        await real(self, msg, attempt)
+
+    monkeypatch.setattr(NodeActor, "_run_attempt", run_attempt)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
+    handle = await env.client.start("poisoned_reissue", {})
+    with pytest.raises(RunFailed, match="x broke"):
+        await handle.result()
+    assert await handle.retry() == ["x"]
+    with pytest.raises(RunFailed, match="dead-lettered"):
+        await handle.result()
+
+
+async def test_a_claim_winner_given_up_after_the_retry_fails_the_run(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message from before the retry wins n's claim (the retry's own message for n then starts
+    nothing), and every delivery of it stalls its worker. Its report carries the epoch it holds n
+    for, so it fails the run instead of being taken for a stale one."""
+    monkeypatch.setattr(_resume, "ANNOUNCED_WITHIN", 2.0)
+    wf = Workflow("poisoned_winner")
+    broken = {"yes": True}
+
+    @wf.node()
+    async def s(ctx: NodeContext) -> int:
+        return 1
+
+    @wf.node(depends_on=[s])
+    async def n(ctx: NodeContext) -> int:
+        return 2
+
+    @wf.node(depends_on=[s])
+    async def x(ctx: NodeContext) -> int:
+        await asyncio.sleep(0.2)
+        if broken["yes"]:
+            raise NonRetryableError("x broke")
+        return 4
+
+    real = NodeActor._run_attempt
+    retry_done = asyncio.Event()
+
+    async def run_attempt(self: Any, msg: Any, attempt: Any) -> None:
+        if self.node.name == "n" and msg.subject.endswith(".s.completed"):
+            await retry_done.wait()  # the retry has named its attempts by then
+            raise ConnectionError("the message from before the retry stalls its worker")
+        await real(self, msg, attempt)
+
+    monkeypatch.setattr(NodeActor, "_run_attempt", run_attempt)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
+    js, stream = env.client.bus.js, env.names.events_stream
+    held = env.names.node_consumer("poisoned_winner", "n")
+    await js.pause_consumer(stream, held, "2099-01-01T00:00:00Z")
+    handle = await env.client.start("poisoned_winner", {})
+    with pytest.raises(RunFailed, match="x broke"):
+        await handle.result()
+    broken["yes"] = False
+    retry = asyncio.ensure_future(handle.retry())
+    await eventually(lambda: _recorded(env, handle, "_run", "resumed"), within=10)
+    await js.resume_consumer(stream, held)  # s's completion, from before the retry, claims n
+    assert sorted(await retry) == ["n", "x"]
+    retry_done.set()
+    with pytest.raises(RunFailed, match="dead-lettered"):
+        await handle.result()

@@ -26,7 +26,7 @@ from flow_orchestrator.bus._dlq import Letter, dead_letter, rejected_subject
 from flow_orchestrator.bus._interceptors import InterceptorChain
 from flow_orchestrator.bus._journal import is_subject_conflict
 from flow_orchestrator.bus._kv import KeyTaken, StateStore
-from flow_orchestrator.bus._propagation import trace_headers
+from flow_orchestrator.bus._propagation import EPOCH_HEADER, carried_headers, epoch_of, trace_headers
 from flow_orchestrator.bus._pull import Capacity
 from flow_orchestrator.bus._reader import ReadFailed, read_stored
 from flow_orchestrator.bus._subjects import DLQ_TOKEN, RUN_TOKEN, Names, is_valid_run_id, parse_event_subject
@@ -375,22 +375,36 @@ class ActorSystem:
         letter = Letter.of(msg)
         reason = f"consumer {consumer} gave up after {deliveries} deliveries (each crashed or timed out)"
         await self.dead_letter(letter, reason="max_deliveries", error=reason)
+        claims = waiting is None  # the message would have started its own consumer's node
         if waiting is None:
             node = self.consumer_nodes.get(consumer)
             waiting = [node] if node is not None else []
         for workflow, name in waiting:
-            await self._fail_waiting_node(workflow, name, letter=letter, reason=reason)
+            await self._fail_waiting_node(workflow, name, letter=letter, reason=reason, claims=claims)
 
-    async def _fail_waiting_node(self, workflow: str, node: str, *, letter: Letter, reason: str) -> None:
+    async def _fail_waiting_node(
+        self, workflow: str, node: str, *, letter: Letter, reason: str, claims: bool = False
+    ) -> None:
+        """Report ``node``'s attempt failed: the message it waited on was dead-lettered. The report
+        carries the message's retry epoch, or the run's latest when the message holds the node's
+        claim for it (``claims``: a message from before the retry that won the node), so the
+        supervisor does not take it for a stale report of an attempt the retry superseded."""
         _, run_id, _, _ = parse_event_subject(letter.subject)
+        headers = carried_headers(letter.headers)
+        lineage = epoch_of(headers)
+        if claims and letter.stream_seq is not None:
+            _, epoch = await self.run_state(run_id)
+            if epoch > lineage and await self.claim(run_id, node, epoch, letter.stream_seq):
+                headers[EPOCH_HEADER] = str(epoch)
+                lineage = epoch
         payload = decode(letter.data) if letter.data else {}
         error = {"type": "PoisonMessage", "message": f"dead-lettered: {reason}", "retryable": False}
         body = {"attempt": 0, "error": error, "retry": False, "input": payload.get("input"), "outputs": {}}
         await self.emit(
             self.names.event(workflow, run_id, node, "attempt_failed"),
             body,
-            msg_id=f"{run_id}.{node}.poison",
-            headers=trace_headers(letter.headers),
+            msg_id=f"{run_id}.{node}.poison.{lineage}",  # one report per node and retry epoch
+            headers=headers,
         )
 
     async def close_gate(self) -> None:
