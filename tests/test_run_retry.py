@@ -1171,8 +1171,12 @@ async def test_nodes_below_a_claim_won_against_the_retry_claim_too(
     epoch and b completes before the retry reads the journal. The retry then finds b's downstream
     nodes (the join j, and d) ready and issues them, while b's completion starts them too. Each runs
     once: b's lineage won a claim, so what it starts claims as well (it used to start them without
-    one, as if the retry had issued them). d's scheduled retry is not held up by the claim."""
-    monkeypatch.setattr(_resume, "ANNOUNCED_WITHIN", 2.0)  # b completes inside the retry's wait
+    one, as if the retry had issued them). d's scheduled retry is not held up by the claim.
+
+    Messages are held where the worker receives them, not by pausing consumers: a resumed consumer
+    serves the pull requests already waiting on it only when something new reaches it or at their
+    next idle heartbeat (up to 5 s later), so what it held arrived at a time the test did not choose
+    (it failed CI when the retry read the journal first)."""
     wf = Workflow("claimed_below")
     calls, count = _counter()
     broken = {"yes": True}
@@ -1212,21 +1216,40 @@ async def test_nodes_below_a_claim_won_against_the_retry_claim_too(
             raise ConnectionError("d's first attempt fails")
         return 5
 
+    retried = asyncio.Event()
+    real_receive = NodeActor.receive
+
+    async def receive(self: NodeActor, msg: Any) -> None:
+        if self.node.name == "b":  # s's completion, from before the retry, reaches b once it began
+            run_id = msg.subject.split(".")[-3]
+            heard = lambda: self.system.gate.epoch(run_id) >= 1  # noqa: E731
+            await eventually(heard, within=20, message="b's worker heard of the retry")
+        elif self.node.name in ("j", "d") and not retried.is_set():
+            await retried.wait()  # what b's completion starts arrives after the retry issued j and d
+        await real_receive(self, msg)
+
+    monkeypatch.setattr(NodeActor, "receive", receive)
     env: LocalEnvironment = await env_factory([wf])
-    js, stream = env.client.bus.js, env.names.events_stream
-    held = [env.names.node_consumer("claimed_below", node) for node in ("b", "j", "d")]
-    for consumer in held:
-        await js.pause_consumer(stream, consumer, "2099-01-01T00:00:00Z")
     handle = await env.client.start("claimed_below", {})
     with pytest.raises(RunFailed, match="x broke"):
         await handle.result()
     broken["yes"] = False
+    real_journal = env.client.journal
+
+    async def journal(run_id: str, workflow: str) -> list[dict[str, Any]]:
+        if asyncio.current_task() is retry:  # the retry reads the journal once b completed
+
+            async def completed() -> bool:
+                events = await real_journal(run_id, workflow)
+                return ("b", "completed") in [(e["node"], e["kind"]) for e in events]
+
+            await eventually(completed, within=20, message="b completed")
+        return await real_journal(run_id, workflow)
+
+    monkeypatch.setattr(env.client, "journal", journal)
     retry = asyncio.ensure_future(handle.retry())
-    await eventually(lambda: _recorded(env, handle, "_run", "resumed"), within=10)
-    await js.resume_consumer(stream, held[0])  # s's completion, from before the retry, reaches b
     assert sorted(await retry) == ["d", "j", "x"]  # b completed before the retry read the journal
-    for consumer in held[1:]:
-        await js.resume_consumer(stream, consumer)
+    retried.set()
     assert await handle.result() == {"j": 5, "d": 5, "x": 4}
     await asyncio.sleep(1.0)  # a second start would have begun by now
     assert calls == {"x": [1, 2], "b": [1], "j": [1], "d": [1, 2]}
