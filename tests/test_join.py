@@ -8,10 +8,11 @@ from typing import Any
 import nats.errors
 import pytest
 
-from flow_orchestrator import NodeContext, RunFailed, Workflow
+from flow_orchestrator import NodeContext, NonRetryableError, RunFailed, Workflow
 from flow_orchestrator._errors import UnencodableValue
 from flow_orchestrator.actors import _join
 from flow_orchestrator.actors._join import JoinBook, JoinNotRecorded
+from flow_orchestrator.actors._node import NodeActor
 from flow_orchestrator.bus import _journal, _kv, encode
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
@@ -387,15 +388,16 @@ async def test_a_give_up_in_a_cancelled_run_owes_no_arrival(
     assert await env.client.dead_letters("owed_cancelled") == []
 
 
-async def test_a_join_failed_before_its_upstreams_resolved_waits_for_them_after_a_retry(
-    env_factory: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """a's arrival cannot be recorded, so its give-up fails the join while b still runs. The retry
-    reissues the join; it must not start with b's output missing. The retry's message records a's
-    arrival instead, and b's completion, when it comes, makes the join ready."""
-    wf = Workflow("early_join")
+def _join_behind_b(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Workflow, list[dict[str, Any]], asyncio.Event, dict[str, bool]]:
+    """a, and b (which waits for the event, then fails while ``broken["b_fails"]``), into a join
+    that keeps the outputs it got. An upstream's arrival cannot be recorded while ``broken`` says
+    so of it (the join record's writes time out)."""
+    wf = Workflow(name)
     seen: list[dict[str, Any]] = []
     release = asyncio.Event()
+    broken = {"a": False, "b": False, "b_fails": False}
 
     @wf.node()
     async def a(ctx: NodeContext) -> str:
@@ -404,30 +406,112 @@ async def test_a_join_failed_before_its_upstreams_resolved_waits_for_them_after_
     @wf.node()
     async def b(ctx: NodeContext) -> str:
         await release.wait()  # still running when the run fails and is retried
+        if broken["b_fails"]:
+            raise NonRetryableError("b broke")
         return "B"
 
     @wf.node(depends_on=["a", "b"])
     async def join(ctx: NodeContext) -> str:
         seen.append(dict(ctx.outputs))
+        await asyncio.sleep(0.5)
         return f"{ctx.outputs['a']}+{ctx.outputs['b']}"
 
     real_write = _join.JoinBook._write
-    broken = {"yes": True}
 
     async def write(self: Any, key: str, batch: Any, holder: int) -> Any:
-        if broken["yes"] and "a" in batch:
+        if any(broken.get(up) for up in batch):
             raise nats.errors.TimeoutError
         return await real_write(self, key, batch, holder)
 
     monkeypatch.setattr(_join.JoinBook, "_write", write)
+    return wf, seen, release, broken
+
+
+async def test_a_join_failed_before_its_upstreams_resolved_waits_for_them_after_a_retry(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a's arrival cannot be recorded, so its give-up fails the join while b still runs. The retry
+    reissues the join; it must not start with b's output missing. The retry's message records a's
+    arrival instead, and b's completion, when it comes, makes the join ready."""
+    wf, seen, release, broken = _join_behind_b("early_join", monkeypatch)
+    broken["a"] = True
     env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
     handle = await env.client.start("early_join", {})
     with pytest.raises(RunFailed, match="dead-lettered"):
         await handle.result()
-    broken["yes"] = False
+    broken["a"] = False
     assert await handle.retry() == ["join"]
     await asyncio.sleep(1.0)
     assert seen == []  # b has not resolved: the join waits
     release.set()
     assert await handle.result() == "A+B"
+    assert seen == [{"a": "A", "b": "B"}]
+
+
+async def test_a_join_given_up_on_again_after_a_retry_fails_the_run(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, and then b's arrival cannot be recorded either: its message, from before the
+    retry, is given up owing the join the retry reissued. Its report carries the retry's epoch, so
+    the run fails again. (It carried the message's own epoch: a duplicate of the first report's
+    message id, dropped, and a report the supervisor took for a stale one: the run hung.)"""
+    wf, _, release, broken = _join_behind_b("owed_again", monkeypatch)
+    broken["a"] = True
+    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
+    handle = await env.client.start("owed_again", {})
+    with pytest.raises(RunFailed, match="dead-lettered"):
+        await handle.result()
+    broken["a"] = False
+    assert await handle.retry() == ["join"]
+    await asyncio.sleep(1.0)
+    broken["b"] = True
+    release.set()
+    with pytest.raises(RunFailed, match="dead-lettered") as caught:
+        async with asyncio.timeout(25):
+            await handle.result()
+    assert caught.value.status.nodes["join"].status.value == "failed"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("first", ["ready", "retry"])
+async def test_a_join_reissued_with_its_last_upstream_runs_once(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """The first retry reissues the join, which records a's arrival and waits for b; b then fails.
+    The second retry reissues b and the join. b completes before the join's own retry message is
+    handled: b's arrival makes the join ready, and that message finds every upstream resolved. Both
+    would start the join; one claim decides, whichever comes ``first`` (the ready event claimed
+    nothing: the join ran twice). The message takes b's output from the journal: the retry read it
+    before b completed (the join ran with b's output None)."""
+    wf, seen, release, broken = _join_behind_b(f"reissued_join_{first}", monkeypatch)
+    real_receive = NodeActor.receive
+    second = {"retry": False}
+
+    async def b_completed() -> bool:
+        journal = await env.client.journal(handle.run_id, handle.workflow)
+        return ("b", "completed") in [(event["node"], event["kind"]) for event in journal]
+
+    async def receive(self: NodeActor, msg: Any) -> None:
+        if second["retry"] and self.node.name == "join":
+            if msg.subject.endswith(".retry"):  # a busy join consumer: b's reissue completes first
+                await eventually(b_completed, within=20, message="b completed")
+            if not msg.subject.endswith(f".{first}"):
+                await asyncio.sleep(1.0)
+        await real_receive(self, msg)
+
+    monkeypatch.setattr(NodeActor, "receive", receive)
+    broken.update(a=True, b_fails=True)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
+    handle = await env.client.start(wf.name, {})
+    with pytest.raises(RunFailed, match="dead-lettered"):  # a's give-up fails the join
+        await handle.result()
+    broken["a"] = False
+    assert await handle.retry() == ["join"]  # records a's arrival, waits for b
+    await asyncio.sleep(1.0)
+    release.set()
+    with pytest.raises(RunFailed, match="b broke"):
+        await handle.result()
+    broken["b_fails"], second["retry"] = False, True
+    assert sorted(await handle.retry()) == ["b", "join"]
+    assert await handle.result() == "A+B"
+    await asyncio.sleep(1.5)  # a second start would have begun by now
     assert seen == [{"a": "A", "b": "B"}]

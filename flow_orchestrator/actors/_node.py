@@ -54,6 +54,27 @@ from flow_orchestrator.runtime._workflow import NodeSpec, WorkflowDefinition
 PUBLISH_TRIES = 40  # about a minute of backoff: longer than a leader election
 
 
+def _claim_epoch(msg: Msg, kind: str, issued_by: int, epoch: int) -> int:
+    """The retry epoch for which ``msg`` must claim its node before starting it (0: none), in a run
+    this worker knows retried ``epoch`` times. After a retry, a message from before it (an upstream's
+    completion, a scheduled retry, a redelivery) and the retry's own reissue (``issued_by``, its
+    epoch) may both want to start the node: one claim decides."""
+    claim = issued_by
+    if (claim or epoch) and epoch_of(msg.headers) < epoch:
+        claim = epoch  # a message from before the last retry (a reissue of an earlier one, too)
+    claimed = epoch_of(msg.headers, CLAIMED_HEADER)
+    if claimed and kind != "retry":
+        # Its lineage won a claim against the retry, which may have issued this node as well. (A
+        # scheduled retry continues the node its lineage already holds: no claim.)
+        claim = max(claim, epoch, claimed)
+    if kind == "ready":
+        # A retry may have issued this join too, with its last upstreams: its message, finding them
+        # all resolved, and the ready event their arrival publishes both want to start it. (0 in a
+        # run never retried: no claim.)
+        claim = max(claim, epoch, epoch_of(msg.headers))
+    return claim
+
+
 @dataclass(slots=True)
 class Attempt:
     run_id: str
@@ -172,16 +193,8 @@ class NodeActor(Actor):
             await msg.ack()
             return None
         attempt.trace = carried_headers(msg.headers)
-        # After a retry, a message from before it (an upstream's completion, a scheduled retry, a
-        # redelivery) and the retry's own reissue may both want to start this node: one claim decides.
-        claim = attempt.issued_by = int(payload.get("resume") or 0) if kind == "retry" else 0
-        if (claim or epoch) and epoch_of(msg.headers) < epoch:
-            claim = epoch  # a message from before the last retry (a reissue of an earlier one, too)
-        claimed = epoch_of(msg.headers, CLAIMED_HEADER)
-        if claimed and kind != "retry":
-            # Its lineage won a claim against the retry, which may have issued this node as well. (A
-            # scheduled retry continues the node its lineage already holds: no claim.)
-            claim = max(claim, epoch, claimed)
+        attempt.issued_by = int(payload.get("resume") or 0) if kind == "retry" else 0
+        claim = _claim_epoch(msg, kind, attempt.issued_by, epoch)
         if closing is None and not redelivered and not claim:
             return attempt  # the usual case: a first delivery in a run never retried
         if await self._admitted(msg, attempt, closing=closing, redelivered=redelivered, claim=claim):
@@ -232,12 +245,13 @@ class NodeActor(Actor):
                 owed.append(join)  # its arrival was not recorded, or it completed the set
         return owed
 
-    async def _resolved_or_recorded(self, run_id: str) -> bool:
-        """Whether every upstream of this join is resolved, as a retry of it expects. A join can be
+    async def _outputs_if_resolved(self, run_id: str) -> dict[str, Any] | None:
+        """The upstreams' outputs if every upstream of this join is resolved, as a retry of it expects
+        (the journal's: one may have completed after the retry read it). A join can be
         failed, and so retried, before that: its failure was reported by the give-up of a message
         whose arrival could not be recorded (see :meth:`give_up`). Then record the arrivals of the
         upstreams resolved so far (the journal has them), so that the last to resolve makes the join
-        ready, and start nothing now."""
+        ready, and start nothing now (None)."""
         js, nc, names, wf = self.system.bus.js, self.system.bus.nc, self.system.names, self.definition.name
         upstreams = self.node.upstreams
         completions = {up: names.event(wf, run_id, up, "completed") for up in upstreams}
@@ -251,7 +265,8 @@ class NodeActor(Actor):
         completed = {up for up, subject in completions.items() if found.get(subject)}
         resolved = completed | {up for up, subject in failures.items() if found.get(subject)}
         if len(resolved) == len(upstreams):
-            return True
+            events = {up: found.get(completions[up]) or {} for up in upstreams}
+            return {up: events[up].get("output") for up in upstreams}  # a failed one's is None
         for up in resolved:  # the stored events again, for their sequences (a rare path)
             subject = names.event(wf, run_id, up, "completed" if up in completed else "failed")
             stored = await last_message(js, names.events_stream, subject)
@@ -259,13 +274,16 @@ class NodeActor(Actor):
                 data = stored.data or b""
                 event, headers = decode_event(data, subject), carried_headers(stored.headers)
                 await self._arrive_at(self.node.name, up, run_id, stored.seq, event, headers, len(data))
-        return False
+        return None
 
     async def _issued(self, run_id: str, kind: str, payload: dict[str, Any]) -> Attempt | None:
         """The attempt a message names: a scheduled or reissued ``retry``, or a join's ``ready``.
         None for a retry of a join not every upstream of which is resolved yet."""
-        if kind == "retry" and len(self._needed) > 1 and not await self._resolved_or_recorded(run_id):
-            return None  # the last upstream to resolve starts it
+        if kind == "retry" and len(self._needed) > 1:
+            resolved = await self._outputs_if_resolved(run_id)
+            if resolved is None:
+                return None  # the last upstream to resolve starts it
+            return Attempt(run_id, int(payload["attempt"]), payload.get("input"), resolved)
         if kind == "ready":  # every upstream of this join arrived: see _arrive_below
             outputs = await self._gather_outputs(run_id, payload.get("outputs") or {})
             return Attempt(run_id, 1, payload.get("input"), outputs)

@@ -375,28 +375,32 @@ class ActorSystem:
         letter = Letter.of(msg)
         reason = f"consumer {consumer} gave up after {deliveries} deliveries (each crashed or timed out)"
         await self.dead_letter(letter, reason="max_deliveries", error=reason)
-        claims = waiting is None  # the message would have started its own consumer's node
+        owes = waiting is not None  # joins owed its arrival, or it would have started its own node
         if waiting is None:
             node = self.consumer_nodes.get(consumer)
             waiting = [node] if node is not None else []
         for workflow, name in waiting:
-            await self._fail_waiting_node(workflow, name, letter=letter, reason=reason, claims=claims)
+            await self._fail_waiting_node(workflow, name, letter=letter, reason=reason, owes_arrival=owes)
 
     async def _fail_waiting_node(
-        self, workflow: str, node: str, *, letter: Letter, reason: str, claims: bool = False
+        self, workflow: str, node: str, *, letter: Letter, reason: str, owes_arrival: bool = False
     ) -> None:
         """Report ``node``'s attempt failed: the message it waited on was dead-lettered. The report
-        carries the message's retry epoch, or the run's latest when the message holds the node's
-        claim for it (``claims``: a message from before the retry that won the node), so the
-        supervisor does not take it for a stale report of an attempt the retry superseded."""
+        carries the run's latest retry epoch where the run waits on the node now, so the supervisor
+        does not take it for a stale report of an attempt the retry superseded: a join the message
+        still owes its arrival (``owes_arrival``; a retry may have issued the join again, and it
+        waits for that arrival), or the message's own node if the message holds the node's claim
+        for that epoch (one from before the retry that won the node). Otherwise the message's own."""
         _, run_id, _, _ = parse_event_subject(letter.subject)
         headers = carried_headers(letter.headers)
         lineage = epoch_of(headers)
-        if claims and letter.stream_seq is not None:
-            _, epoch = await self.run_state(run_id)
-            if epoch > lineage and await self.claim(run_id, node, epoch, letter.stream_seq):
-                headers[EPOCH_HEADER] = str(epoch)
-                lineage = epoch
+        _, epoch = await self.run_state(run_id)
+        if epoch > lineage and (
+            owes_arrival
+            or (letter.stream_seq is not None and await self.claim(run_id, node, epoch, letter.stream_seq))
+        ):
+            headers[EPOCH_HEADER] = str(epoch)
+            lineage = epoch
         payload = decode(letter.data) if letter.data else {}
         error = {"type": "PoisonMessage", "message": f"dead-lettered: {reason}", "retryable": False}
         body = {"attempt": 0, "error": error, "retry": False, "input": payload.get("input"), "outputs": {}}
