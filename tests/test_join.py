@@ -515,3 +515,69 @@ async def test_a_join_reissued_with_its_last_upstream_runs_once(
     assert await handle.result() == "A+B"
     await asyncio.sleep(1.5)  # a second start would have begun by now
     assert seen == [{"a": "A", "b": "B"}]
+
+
+async def test_a_join_made_ready_by_a_stalled_delivery_after_its_give_up_completes(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a's first delivery stalls (no heartbeats: a paused worker) after publishing a's completion,
+    before recording its arrival. Its last delivery is given up owing the join; meanwhile the
+    stalled delivery records the arrival and makes the join ready, and the join runs. The give-up's
+    report is dropped (the join was made ready after all): the run completes, the join ran once.
+    (The report failed the run, and the journal hid the join's completion behind it: a retry ran the
+    join again, and the run hung.)"""
+    wf = Workflow("stalled_arrival")
+    calls: list[str] = []
+
+    @wf.node()
+    async def b(ctx: NodeContext) -> str:
+        return "B"
+
+    @wf.node()
+    async def a(ctx: NodeContext) -> str:
+        await asyncio.sleep(0.3)  # b's arrival is recorded first
+        return "A"
+
+    @wf.node(depends_on=["a", "b"])
+    async def join(ctx: NodeContext) -> str:
+        calls.append(ctx.run_id)
+        await asyncio.sleep(0.5)
+        return f"{ctx.outputs['a']}+{ctx.outputs['b']}"
+
+    owed_computed, ready_published = asyncio.Event(), asyncio.Event()
+    real_finish, real_arrive = NodeActor._finish_completed, NodeActor._arrive_below
+    real_owed = NodeActor._owed
+
+    async def finish(self: Any, msg: Any, attempt: Any, output: Any) -> None:
+        if self.node.name == "a" and msg.metadata.num_delivered == 1:
+            self._held.pop(id(msg), None)  # its worker stalls: no more heartbeats for it
+        await real_finish(self, msg, attempt, output)
+
+    async def arrive(self: Any, run_id: str, *args: Any) -> bool:
+        if self.node.name == "a":
+            await owed_computed.wait()
+        published = await real_arrive(self, run_id, *args)
+        if self.node.name == "a" and published:
+            ready_published.set()
+        return published
+
+    async def owed(self: Any, run_id: str) -> Any:
+        joins = await real_owed(self, run_id)
+        assert joins == ["join"]
+        owed_computed.set()
+        await asyncio.wait_for(ready_published.wait(), 20)
+        await asyncio.sleep(0.3)  # the join has started by now
+        return joins
+
+    monkeypatch.setattr(NodeActor, "_finish_completed", finish)
+    monkeypatch.setattr(NodeActor, "_arrive_below", arrive)
+    monkeypatch.setattr(NodeActor, "_owed", owed)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=2, ack_wait=1.0)
+    handle = await env.client.start("stalled_arrival", {})
+    async with asyncio.timeout(20):
+        assert await handle.result() == "A+B"
+    letters = await env.client.dead_letters("stalled_arrival")
+    assert [letter.reason for letter in letters] == ["max_deliveries"]
+    status = await handle.status()
+    assert status.nodes["join"].status.value == "completed"  # type: ignore[union-attr]
+    assert len(calls) == 1

@@ -235,6 +235,23 @@ def test_a_node_view_takes_each_attempts_start_from_its_own_events() -> None:
     assert (views["c"].status, views["c"].started_at) == (NodeStatus.CANCELLED, 7.5)
 
 
+def test_a_completion_after_a_dead_lettered_messages_report_counts() -> None:
+    """Pure folding: a join failed by the report of a dead-lettered upstream message (attempt 0),
+    which a stalled delivery of that message made ready after all, completed: it is completed. An
+    attempt's own failure stays final."""
+    poison = {"attempt": 0, "retry": False, "error": {"type": "PoisonMessage", "message": "dead-lettered"}}
+    events = [
+        {"node": "j", "kind": "started", "at": 1.0, "data": {"attempt": 1, "started_at": 1.0}},
+        {"node": "j", "kind": "attempt_failed", "at": 1.1, "data": poison},
+        {"node": "j", "kind": "completed", "at": 2.0, "data": {"attempt": 1, "output": 3}},
+        {"node": "k", "kind": "attempt_failed", "at": 1.0, "data": {"attempt": 1, "error": {"type": "E"}}},
+        {"node": "k", "kind": "completed", "at": 2.0, "data": {"attempt": 1, "output": 4}},
+    ]
+    views = fold_events(events)
+    assert (views["j"].status, views["j"].output, views["j"].error) == (NodeStatus.COMPLETED, 3, None)
+    assert (views["k"].status, views["k"].output) == (NodeStatus.FAILED, None)
+
+
 async def test_every_start_is_announced_when_asked(env_factory: Any) -> None:
     env: LocalEnvironment = await env_factory([quick], announce_starts_after=0)
     handle = await env.client.start(quick)

@@ -18,10 +18,11 @@ from nats.aio.msg import Msg
 
 from flow_orchestrator._errors import FlowError, StateConflict, UnencodableValue
 from flow_orchestrator.actors import _records as rec
-from flow_orchestrator.actors._actor import Actor, ConsumerSpec
+from flow_orchestrator.actors._actor import Actor, ConsumerSpec, log
 from flow_orchestrator.actors._faults import crash_point
-from flow_orchestrator.actors._system import ActorSystem, end_event, epoch_of_record
+from flow_orchestrator.actors._system import OWED_ARRIVAL, ActorSystem, end_event, epoch_of_record
 from flow_orchestrator.bus._codec import decode_event
+from flow_orchestrator.bus._journal import last_event
 from flow_orchestrator.bus._propagation import carried_headers, epoch_of, trace_headers
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.runtime._status import RunStatus
@@ -103,6 +104,13 @@ class SupervisorActor(Actor):
                 min(float(requested), policy.max_delay) if requested is not None else policy.delay(attempt)
             )
             await self._schedule_retry(run_id, node, attempt + 1, delay=delay, payload=payload, trace=trace)
+            return
+        if payload.get(OWED_ARRIVAL) and await last_event(
+            self.system.bus.js, self.system.names.events_stream, self._subject(run_id, node, "ready")
+        ):
+            # The give-up found this join owed the message's arrival, but an earlier delivery of the
+            # same message, stalled past its ack wait, recorded it since and made the join ready.
+            log.warning("run %s: %s was made ready after all; its poison report is dropped", run_id, node)
             return
         spec = self.definition.nodes[node]
         if spec.continue_on_error:

@@ -31,7 +31,10 @@ from flow_orchestrator.bus._pull import Capacity
 from flow_orchestrator.bus._reader import ReadFailed, read_stored
 from flow_orchestrator.bus._subjects import DLQ_TOKEN, RUN_TOKEN, Names, is_valid_run_id, parse_event_subject
 from flow_orchestrator.bus.types import PublishInput
+from flow_orchestrator.runtime._status import POISON_ERROR
 
+# In a poison report: the dead-lettered message was an upstream's, owing the join its arrival.
+OWED_ARRIVAL = "owed_arrival"
 log = logging.getLogger("flow_orchestrator.actors")
 MSG_ID = "Nats-Msg-Id"
 API_PATIENCE = 30.0  # seconds a worker waits for a JetStream API answer while it sets up
@@ -402,8 +405,10 @@ class ActorSystem:
             headers[EPOCH_HEADER] = str(epoch)
             lineage = epoch
         payload = decode(letter.data) if letter.data else {}
-        error = {"type": "PoisonMessage", "message": f"dead-lettered: {reason}", "retryable": False}
+        error = {"type": POISON_ERROR, "message": f"dead-lettered: {reason}", "retryable": False}
         body = {"attempt": 0, "error": error, "retry": False, "input": payload.get("input"), "outputs": {}}
+        if owes_arrival:
+            body[OWED_ARRIVAL] = True  # the supervisor drops it if the join was made ready after all
         await self.emit(
             self.names.event(workflow, run_id, node, "attempt_failed"),
             body,

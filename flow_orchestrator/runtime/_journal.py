@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flow_orchestrator.runtime._status import NodeStatus
+from flow_orchestrator.runtime._status import POISON_ERROR, NodeStatus
 
 
 @dataclass(slots=True)
@@ -35,6 +35,11 @@ def fold_events(events: Iterable[Mapping[str, Any]]) -> dict[str, NodeView]:
     return views
 
 
+def _poisoned(view: NodeView) -> bool:
+    """Whether the view's failure is a dead-lettered message's report (attempt 0), not an attempt's."""
+    return (view.error or {}).get("type") == POISON_ERROR
+
+
 def fold_event(views: dict[str, NodeView], event: Mapping[str, Any]) -> None:
     """Fold one more event into ``views`` (in place): what a live view does as each event arrives,
     so folding event by event and :func:`fold_events` over the whole journal always agree."""
@@ -49,8 +54,12 @@ def fold_event(views: dict[str, NodeView], event: Mapping[str, Any]) -> None:
         view.status is NodeStatus.FAILED
         and event["kind"] != "failed"
         and int(data.get("attempt") or 0) <= view.attempts
+        and not (event["kind"] == "completed" and _poisoned(view))
     ):
-        return  # a failure is final unless the run is retried (a later attempt supersedes it)
+        # A failure is final unless the run is retried (a later attempt supersedes it). A node that
+        # completed after a dead-lettered message's report failed it did run: a stalled delivery
+        # made it ready after all (it completes once per run).
+        return
     kind = event["kind"]
     attempt = int(data.get("attempt") or 0)
     if kind == "started":

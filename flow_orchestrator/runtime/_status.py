@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+# The error type of the report that fails a node whose message was dead-lettered (attempt 0).
+POISON_ERROR = "PoisonMessage"
+
 
 class NodeStatus(enum.StrEnum):
     """The status of one node in one run (lower-case values are the wire and CLI form)."""
