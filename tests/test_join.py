@@ -581,3 +581,44 @@ async def test_a_join_made_ready_by_a_stalled_delivery_after_its_give_up_complet
     status = await handle.status()
     assert status.nodes["join"].status.value == "completed"  # type: ignore[union-attr]
     assert len(calls) == 1
+
+
+async def test_a_give_up_interrupted_by_a_stopping_worker_is_done_again(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The arrivals cannot be recorded, nor the join record read, when the upstreams' messages reach
+    their last delivery: the give-up tries again in place, and its worker is stopped meanwhile (a
+    rolling restart). The server allows one delivery more, so the next worker gives up on the
+    message and the run fails visibly. (It was nak'd at its last delivery and never came back: no
+    dead letter, no report, the run hung.)"""
+    outage = {"on": True}
+    real_get, real_owed = _kv.StateStore.get, NodeActor._owed
+    giving_up = asyncio.Event()
+
+    async def timing_out(self: Any, key: str, batch: Any, holder: int) -> Any:
+        raise nats.errors.TimeoutError
+
+    async def get(self: Any, key: str) -> Any:
+        if key.startswith("join.") and outage["on"]:
+            raise nats.errors.TimeoutError
+        return await real_get(self, key)
+
+    async def owed(self: Any, run_id: str) -> Any:
+        giving_up.set()
+        return await real_owed(self, run_id)
+
+    monkeypatch.setattr(_join.JoinBook, "_write", timing_out)
+    monkeypatch.setattr(_kv.StateStore, "get", get)
+    monkeypatch.setattr(NodeActor, "_owed", owed)
+    wf = _two_into_one("interrupted_give_up")
+    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0, shutdown_grace=1.0)
+    handle = await env.client.start("interrupted_give_up", {})
+    await eventually(giving_up.is_set, within=15)
+    await asyncio.sleep(0.5)  # the give-up is trying again in place
+    await env.workers.pop(0).stop()
+    outage["on"] = False
+    await env.add_worker()
+    with pytest.raises(RunFailed, match="dead-lettered") as caught:
+        async with asyncio.timeout(20):
+            await handle.result()
+    assert caught.value.status.nodes["join"].status.value == "failed"  # type: ignore[attr-defined]

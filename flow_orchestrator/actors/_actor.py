@@ -33,6 +33,13 @@ TRANSIENT = (nats.errors.Error, js_errors.Error, asyncio.TimeoutError, Connectio
 GIVE_UP_TRIES = 20  # about a minute and a half of backoff for a message's last delivery
 
 
+def _server_max_deliver(max_deliver: int) -> int:
+    """The server's limit for a consumer whose worker gives up at delivery ``max_deliver``: one
+    more, so that a give-up interrupted (its worker stopped, or died, meanwhile) is done again by
+    the next worker instead of the message being dropped undelivered. (-1 or 1: no give-up.)"""
+    return max_deliver + 1 if max_deliver > 1 else max_deliver
+
+
 @dataclass(frozen=True, slots=True)
 class ConsumerSpec:
     """A durable consumer: which stream, which subjects, how long a worker may hold a message."""
@@ -105,7 +112,7 @@ class Actor:
             filter_subjects=list(self.spec.filter_subjects),
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.spec.ack_wait,
-            max_deliver=self.spec.max_deliver,
+            max_deliver=_server_max_deliver(self.spec.max_deliver),
             max_ack_pending=self.spec.max_ack_pending,
             max_waiting=4096,
             deliver_policy=self.spec.deliver_policy,

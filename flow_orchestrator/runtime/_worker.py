@@ -55,8 +55,9 @@ class Worker:
             dead-lettered (a worker hosting it may be starting).
         ack_wait: seconds a worker may hold a message without a heartbeat before it moves on
             (how fast the work of a killed worker resumes elsewhere).
-        max_deliver: deliveries of one message before the server gives up on it; it is then
-            dead-lettered (reason ``max_deliveries``) and a node waiting on it fails its run.
+        max_deliver: deliveries of one message before the worker gives up on it; it is then
+            dead-lettered (reason ``max_deliveries``) and a node waiting on it fails its run. (The
+            server allows one delivery more, taken only if the give-up itself was interrupted.)
         shutdown_grace: seconds in-flight attempts get to finish when the worker stops.
         announce_starts_after: seconds an attempt runs before its ``started`` event is published;
             a quicker attempt is told by its outcome event alone, which carries the same start time
