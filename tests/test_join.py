@@ -8,7 +8,7 @@ from typing import Any
 import nats.errors
 import pytest
 
-from flow_orchestrator import NodeContext, NonRetryableError, RunFailed, Workflow
+from flow_orchestrator import NodeContext, NonRetryableError, RetryPolicy, RunFailed, Workflow
 from flow_orchestrator._errors import UnencodableValue
 from flow_orchestrator.actors import _join
 from flow_orchestrator.actors._join import JoinBook, JoinNotRecorded
@@ -517,17 +517,87 @@ async def test_a_join_reissued_with_its_last_upstream_runs_once(
     assert seen == [{"a": "A", "b": "B"}]
 
 
-async def test_a_join_made_ready_by_a_stalled_delivery_after_its_give_up_completes(
+async def test_a_join_reissued_with_its_last_continue_on_error_upstream_runs_once(
     env_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """a's first delivery stalls (no heartbeats: a paused worker) after publishing a's completion,
-    before recording its arrival. Its last delivery is given up owing the join; meanwhile the
-    stalled delivery records the arrival and makes the join ready, and the join runs. The give-up's
-    report is dropped (the join was made ready after all): the run completes, the join ran once.
-    (The report failed the run, and the journal hid the join's completion behind it: a retry ran the
-    join again, and the run hung.)"""
-    wf = Workflow("stalled_arrival")
-    calls: list[str] = []
+    """As above, with b continue-on-error: the second retry reissues b (waiting for its scheduled
+    retry when r failed the run) and the join; b fails for good, and its failure, an arrival the
+    join's own consumer records, completes the set. That and the join's retry message, handled
+    after, both want to start the join; one claim decides (the failure claimed nothing)."""
+    wf = Workflow("reissued_coe_join")
+    seen: list[dict[str, Any]] = []
+    release_b, release_r = asyncio.Event(), asyncio.Event()
+    r_calls: list[int] = []
+    broken, second = {"a": True}, {"retry": False}
+
+    @wf.node()
+    async def a(ctx: NodeContext) -> str:
+        return "A"
+
+    @wf.node(continue_on_error=True, retry=RetryPolicy(max_attempts=2, initial=0.3, jitter=0))
+    async def b(ctx: NodeContext) -> str:
+        await release_b.wait()
+        if ctx.attempt == 1:
+            raise RuntimeError("b flaky")
+        raise NonRetryableError("b broke for good")
+
+    @wf.node()
+    async def r(ctx: NodeContext) -> str:
+        r_calls.append(1)
+        await release_r.wait()
+        if len(r_calls) == 1:
+            raise NonRetryableError("r broke once")
+        return "R"
+
+    @wf.node(depends_on=["a", "b"])
+    async def join(ctx: NodeContext) -> str:
+        seen.append(dict(ctx.outputs))
+        await asyncio.sleep(0.5)
+        return f"{ctx.outputs['a']}+{ctx.outputs['b']}"
+
+    real_write, real_receive = _join.JoinBook._write, NodeActor.receive
+
+    async def write(self: Any, key: str, batch: Any, holder: int) -> Any:
+        if broken["a"] and "a" in batch:
+            raise nats.errors.TimeoutError
+        return await real_write(self, key, batch, holder)
+
+    async def recorded(node: str, kind: str) -> bool:
+        journal = await env.client.journal(handle.run_id, handle.workflow)
+        return (node, kind) in [(event["node"], event["kind"]) for event in journal]
+
+    async def receive(self: NodeActor, msg: Any) -> None:
+        if second["retry"] and self.node.name == "join" and msg.subject.endswith(".retry"):
+            # A busy join consumer: b's failure is handled first.
+            await eventually(lambda: recorded("b", "failed"), within=20, message="b failed")
+            await asyncio.sleep(0.3)
+        await real_receive(self, msg)
+
+    monkeypatch.setattr(_join.JoinBook, "_write", write)
+    monkeypatch.setattr(NodeActor, "receive", receive)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0, shutdown_grace=0.5)
+    handle = await env.client.start("reissued_coe_join", {})
+    with pytest.raises(RunFailed, match="dead-lettered"):  # a's give-up fails the join
+        await handle.result()
+    broken["a"] = False
+    assert sorted(await handle.retry()) == ["join"]  # records a's arrival, waits for b
+    await asyncio.sleep(1.0)
+    release_r.set()
+    with pytest.raises(RunFailed, match="r broke"):
+        await handle.result()
+    release_b.set()  # b's first attempt fails, retryably, in the failed run
+    await eventually(lambda: recorded("b", "attempt_failed"), within=10, message="b failed once")
+    await asyncio.sleep(1.0)
+    second["retry"] = True
+    assert sorted(await handle.retry()) == ["b", "join", "r"]
+    async with asyncio.timeout(20):
+        assert await handle.result() == {"join": "A+None", "r": "R"}
+    await asyncio.sleep(1.5)  # a second start would have begun by now
+    assert seen == [{"a": "A", "b": None}]
+
+
+def _b_then_a_into_join(name: str, join_action: Any) -> Workflow:
+    wf = Workflow(name)
 
     @wf.node()
     async def b(ctx: NodeContext) -> str:
@@ -538,12 +608,14 @@ async def test_a_join_made_ready_by_a_stalled_delivery_after_its_give_up_complet
         await asyncio.sleep(0.3)  # b's arrival is recorded first
         return "A"
 
-    @wf.node(depends_on=["a", "b"])
-    async def join(ctx: NodeContext) -> str:
-        calls.append(ctx.run_id)
-        await asyncio.sleep(0.5)
-        return f"{ctx.outputs['a']}+{ctx.outputs['b']}"
+    wf.node(name="join", depends_on=["a", "b"])(join_action)
+    return wf
 
+
+def _stall_a_until_its_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """a's first delivery stalls (no heartbeats: a paused worker) after publishing a's completion,
+    before recording its arrival, until a's last delivery has worked out what it owes; that give-up
+    goes on once the stalled delivery has made the join ready."""
     owed_computed, ready_published = asyncio.Event(), asyncio.Event()
     real_finish, real_arrive = NodeActor._finish_completed, NodeActor._arrive_below
     real_owed = NodeActor._owed
@@ -563,15 +635,35 @@ async def test_a_join_made_ready_by_a_stalled_delivery_after_its_give_up_complet
 
     async def owed(self: Any, run_id: str) -> Any:
         joins = await real_owed(self, run_id)
-        assert joins == ["join"]
-        owed_computed.set()
-        await asyncio.wait_for(ready_published.wait(), 20)
-        await asyncio.sleep(0.3)  # the join has started by now
+        if self.node.name == "a":
+            assert joins == ["join"]
+            owed_computed.set()
+            await asyncio.wait_for(ready_published.wait(), 20)
+            await asyncio.sleep(0.3)  # the join has started by now
         return joins
 
     monkeypatch.setattr(NodeActor, "_finish_completed", finish)
     monkeypatch.setattr(NodeActor, "_arrive_below", arrive)
     monkeypatch.setattr(NodeActor, "_owed", owed)
+
+
+async def test_a_join_made_ready_by_a_stalled_delivery_after_its_give_up_completes(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a's last delivery is given up owing the join; meanwhile a's stalled first delivery records
+    the arrival and makes the join ready, and the join runs. The give-up's report is dropped (the
+    join was made ready after all): the run completes, the join ran once. (The report failed the
+    run, and the journal hid the join's completion behind it: a retry ran the join again, and the
+    run hung.)"""
+    calls: list[str] = []
+
+    async def join(ctx: NodeContext) -> str:
+        calls.append(ctx.run_id)
+        await asyncio.sleep(0.5)
+        return f"{ctx.outputs['a']}+{ctx.outputs['b']}"
+
+    _stall_a_until_its_give_up(monkeypatch)
+    wf = _b_then_a_into_join("stalled_arrival", join)
     env: LocalEnvironment = await env_factory([wf], max_deliver=2, ack_wait=1.0)
     handle = await env.client.start("stalled_arrival", {})
     async with asyncio.timeout(20):
@@ -581,6 +673,100 @@ async def test_a_join_made_ready_by_a_stalled_delivery_after_its_give_up_complet
     status = await handle.status()
     assert status.nodes["join"].status.value == "completed"  # type: ignore[union-attr]
     assert len(calls) == 1
+
+
+async def test_a_join_poisoned_after_its_owed_report_was_dropped_fails_the_run(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, and then the join's own attempt stalls its worker on every delivery: its give-up's
+    report fails the run. (It had the dropped report's message id and was discarded as a duplicate:
+    the run hung.)"""
+    never = asyncio.Event()
+    real_run = NodeActor._run_attempt
+
+    async def join(ctx: NodeContext) -> str:
+        await never.wait()
+        return "never"
+
+    async def run_attempt(self: Any, msg: Any, attempt: Any) -> None:
+        if self.node.name == "join":
+            self._held.pop(id(msg), None)  # the join's worker stalls: no heartbeats
+        await real_run(self, msg, attempt)
+
+    _stall_a_until_its_give_up(monkeypatch)
+    monkeypatch.setattr(NodeActor, "_run_attempt", run_attempt)
+    wf = _b_then_a_into_join("poisoned_after_drop", join)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=2, ack_wait=1.0, shutdown_grace=0.5)
+    handle = await env.client.start("poisoned_after_drop", {})
+    try:
+        with pytest.raises(RunFailed, match=r"failed at node 'join'.*dead-lettered"):
+            async with asyncio.timeout(20):
+                await handle.result()
+    finally:
+        never.set()
+
+
+async def test_an_owed_report_after_the_retry_started_the_join_is_not_sent(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a retry, the retry's own message for the join finds every upstream completed and starts
+    it (claiming it for the retry). a's message from before the retry, whose first delivery stalled
+    after publishing a's completion and never recorded the arrival, is then given up: it owes the
+    join nothing, so the run completes. (Its report failed the run, for good: every node had
+    completed, so a retry had nothing to run.)"""
+    x_calls: list[int] = []
+    j_started, never = asyncio.Event(), asyncio.Event()
+    calls: list[dict[str, Any]] = []
+
+    async def join(ctx: NodeContext) -> str:
+        calls.append(dict(ctx.outputs))
+        j_started.set()
+        await asyncio.sleep(1.0)
+        return f"{ctx.outputs['a']}+{ctx.outputs['b']}"
+
+    wf = _b_then_a_into_join("owed_after_start", join)
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> str:
+        x_calls.append(ctx.attempt)
+        await asyncio.sleep(0.5)
+        if len(x_calls) == 1:
+            raise NonRetryableError("x broke once")
+        return "X"
+
+    real_finish, real_arrive = NodeActor._finish_completed, NodeActor._arrive_below
+    real_give_up = NodeActor.give_up
+
+    async def finish(self: Any, msg: Any, attempt: Any, output: Any) -> None:
+        if self.node.name == "a" and msg.metadata.num_delivered == 1:
+            self._held.pop(id(msg), None)  # a's worker stalls: no heartbeats
+        await real_finish(self, msg, attempt, output)
+
+    async def arrive(self: Any, run_id: str, *args: Any) -> bool:
+        if self.node.name == "a":
+            await never.wait()  # stalled for good after publishing a's completion
+        return await real_arrive(self, run_id, *args)
+
+    async def give_up(self: Any, msg: Any, delivered: int) -> None:
+        if self.node.name == "a":
+            await asyncio.wait_for(j_started.wait(), 30)  # (heartbeats keep this delivery held)
+        await real_give_up(self, msg, delivered)
+
+    monkeypatch.setattr(NodeActor, "_finish_completed", finish)
+    monkeypatch.setattr(NodeActor, "_arrive_below", arrive)
+    monkeypatch.setattr(NodeActor, "give_up", give_up)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=2, ack_wait=1.0, shutdown_grace=0.5)
+    handle = await env.client.start("owed_after_start", {})
+    try:
+        with pytest.raises(RunFailed, match="x broke"):
+            async with asyncio.timeout(15):
+                await handle.result()
+        assert sorted(await handle.retry()) == ["join", "x"]
+        async with asyncio.timeout(15):
+            assert await handle.result() == {"join": "A+B", "x": "X"}
+        assert calls == [{"a": "A", "b": "B"}]
+    finally:
+        never.set()
 
 
 async def test_a_give_up_interrupted_by_a_stopping_worker_is_done_again(

@@ -67,10 +67,11 @@ def _claim_epoch(msg: Msg, kind: str, issued_by: int, epoch: int) -> int:
         # Its lineage won a claim against the retry, which may have issued this node as well. (A
         # scheduled retry continues the node its lineage already holds: no claim.)
         claim = max(claim, epoch, claimed)
-    if kind == "ready":
+    if kind in ("ready", "failed"):
         # A retry may have issued this join too, with its last upstreams: its message, finding them
-        # all resolved, and the ready event their arrival publishes both want to start it. (0 in a
-        # run never retried: no claim.)
+        # all resolved, and the arrival completing the set (the ready event their completions
+        # publish, or a continue-on-error upstream's failure, which the join records itself) both
+        # want to start it. (0 in a run never retried: no claim.)
         claim = max(claim, epoch, epoch_of(msg.headers))
     return claim
 
@@ -226,18 +227,22 @@ class NodeActor(Actor):
 
     async def _owed(self, run_id: str) -> list[str] | None:
         """The joins below still waiting for this node's arrival or its ready event (None: the node
-        has not completed)."""
+        has not completed). A join made ready, started after the run's last retry (by the retry's
+        own message, which found every upstream resolved in the journal, or by a ready event:
+        either claimed it), or completed waits for nothing."""
         js, names = self.system.bus.js, self.system.names
         stored = await last_message(js, names.events_stream, self._subject(run_id, "completed"))
         if stored is None:
             return None
-        closing, _ = await self.system.run_state(run_id)
+        closing, epoch = await self.system.run_state(run_id)
         if closing == "cancelled":
             return []  # a cancelled run records no arrivals (see _arrive_below): nothing is owed
-        owed = []
+        owed, wf, stream = [], self.definition.name, names.events_stream
         for join in self._joins_below:
-            ready = names.event(self.definition.name, run_id, join, "ready")
-            if await last_message(js, names.events_stream, ready) is not None:
+            if epoch and await self.system.store.get(Names.claim_key(run_id, join, epoch)) is not None:
+                continue
+            events = [names.event(wf, run_id, join, kind) for kind in ("ready", "completed")]
+            if any([await last_message(js, stream, subject) is not None for subject in events]):
                 continue
             found = await self.system.store.get(Names.join_key(run_id, join))
             record = (found.value if found is not None else None) or {}

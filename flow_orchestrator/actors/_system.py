@@ -412,7 +412,9 @@ class ActorSystem:
         await self.emit(
             self.names.event(workflow, run_id, node, "attempt_failed"),
             body,
-            msg_id=f"{run_id}.{node}.poison.{lineage}",  # one report per node and retry epoch
+            # One report per node and retry epoch, and one more for the joins owed an arrival (the
+            # supervisor may drop that one: it must not stand for the join's own later give-up).
+            msg_id=f"{run_id}.{node}.poison.{lineage}" + (".owed" if owes_arrival else ""),
             headers=headers,
         )
 
