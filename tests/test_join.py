@@ -13,6 +13,7 @@ from flow_orchestrator._errors import UnencodableValue
 from flow_orchestrator.actors import _join
 from flow_orchestrator.actors._join import JoinBook, JoinNotRecorded
 from flow_orchestrator.actors._node import NodeActor
+from flow_orchestrator.actors._supervisor import SupervisorActor
 from flow_orchestrator.bus import _journal, _kv, encode
 from flow_orchestrator.testing import LocalEnvironment, eventually
 
@@ -706,32 +707,34 @@ async def test_a_join_poisoned_after_its_owed_report_was_dropped_fails_the_run(
         never.set()
 
 
+@pytest.mark.parametrize("retries", [1, 2])
 async def test_an_owed_report_after_the_retry_started_the_join_is_not_sent(
-    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch, retries: int
 ) -> None:
     """After a retry, the retry's own message for the join finds every upstream completed and starts
     it (claiming it for the retry). a's message from before the retry, whose first delivery stalled
-    after publishing a's completion and never recorded the arrival, is then given up: it owes the
-    join nothing, so the run completes. (Its report failed the run, for good: every node had
-    completed, so a retry had nothing to run.)"""
+    after publishing a's completion and never recorded the arrival, is then given up (with two
+    retries, after the second, which did not reissue the running join): it owes the join nothing,
+    so the run completes. (Its report failed the run, for good: every node had completed, so a
+    retry had nothing to run. The fix for one retry first looked at the latest retry's claim only.)"""
     x_calls: list[int] = []
-    j_started, never = asyncio.Event(), asyncio.Event()
+    j_started, never, give_up_go, j_release = (asyncio.Event() for _ in range(4))
     calls: list[dict[str, Any]] = []
 
     async def join(ctx: NodeContext) -> str:
         calls.append(dict(ctx.outputs))
         j_started.set()
-        await asyncio.sleep(1.0)
+        await j_release.wait()
         return f"{ctx.outputs['a']}+{ctx.outputs['b']}"
 
-    wf = _b_then_a_into_join("owed_after_start", join)
+    wf = _b_then_a_into_join(f"owed_after_start_{retries}", join)
 
     @wf.node()
     async def x(ctx: NodeContext) -> str:
         x_calls.append(ctx.attempt)
         await asyncio.sleep(0.5)
-        if len(x_calls) == 1:
-            raise NonRetryableError("x broke once")
+        if len(x_calls) <= retries:
+            raise NonRetryableError(f"x broke ({len(x_calls)})")
         return "X"
 
     real_finish, real_arrive = NodeActor._finish_completed, NodeActor._arrive_below
@@ -748,22 +751,114 @@ async def test_an_owed_report_after_the_retry_started_the_join_is_not_sent(
         return await real_arrive(self, run_id, *args)
 
     async def give_up(self: Any, msg: Any, delivered: int) -> None:
-        if self.node.name == "a":
-            await asyncio.wait_for(j_started.wait(), 30)  # (heartbeats keep this delivery held)
+        if self.node.name == "a":  # (heartbeats keep this delivery held meanwhile)
+            await asyncio.wait_for(give_up_go.wait(), 40)
         await real_give_up(self, msg, delivered)
 
     monkeypatch.setattr(NodeActor, "_finish_completed", finish)
     monkeypatch.setattr(NodeActor, "_arrive_below", arrive)
     monkeypatch.setattr(NodeActor, "give_up", give_up)
     env: LocalEnvironment = await env_factory([wf], max_deliver=2, ack_wait=1.0, shutdown_grace=0.5)
-    handle = await env.client.start("owed_after_start", {})
+    handle = await env.client.start(wf.name, {})
     try:
         with pytest.raises(RunFailed, match="x broke"):
             async with asyncio.timeout(15):
                 await handle.result()
         assert sorted(await handle.retry()) == ["join", "x"]
+        await asyncio.wait_for(j_started.wait(), 10)
+        if retries == 2:  # the run fails again while the join runs: the retry reissues x alone
+            with pytest.raises(RunFailed, match=r"x broke \(2\)"):
+                async with asyncio.timeout(15):
+                    await handle.result()
+            assert await handle.retry() == ["x"]
+        give_up_go.set()
+        await asyncio.sleep(1.5)  # a's give-up has reported what it owes by now
+        j_release.set()
         async with asyncio.timeout(15):
             assert await handle.result() == {"join": "A+B", "x": "X"}
+        assert calls == [{"a": "A", "b": "B"}]
+    finally:
+        for event in (never, give_up_go, j_release):
+            event.set()
+
+
+async def test_an_owed_report_the_supervisor_takes_after_the_join_started_is_dropped(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with a's give-up landing while the retry is under way, before its message for the
+    join claimed it: the join is owed a's arrival then, and the report goes out. The supervisor
+    takes it only after the retry's message started the join (from the journal): it drops it, and
+    the run completes. (It checked for the join's ready event alone, and failed the run for good.)"""
+    calls: list[dict[str, Any]] = []
+    x_calls: list[int] = []
+    j_started, never, reported = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def join(ctx: NodeContext) -> str:
+        calls.append(dict(ctx.outputs))
+        j_started.set()
+        await asyncio.sleep(0.5)
+        return f"{ctx.outputs['a']}+{ctx.outputs['b']}"
+
+    wf = _b_then_a_into_join("owed_late_report", join)
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> str:
+        x_calls.append(ctx.attempt)
+        await asyncio.sleep(0.5)
+        if len(x_calls) == 1:
+            raise NonRetryableError("x broke once")
+        return "X"
+
+    real_finish, real_arrive = NodeActor._finish_completed, NodeActor._arrive_below
+    real_give_up, real_receive, real_supervise = NodeActor.give_up, NodeActor.receive, SupervisorActor.receive
+    retried = asyncio.Event()
+
+    async def finish(self: Any, msg: Any, attempt: Any, output: Any) -> None:
+        if self.node.name == "a" and msg.metadata.num_delivered == 1:
+            self._held.pop(id(msg), None)  # a's worker stalls: no heartbeats
+        await real_finish(self, msg, attempt, output)
+
+    async def arrive(self: Any, run_id: str, *args: Any) -> bool:
+        if self.node.name == "a":
+            await never.wait()  # stalled for good after publishing a's completion
+        return await real_arrive(self, run_id, *args)
+
+    async def give_up(self: Any, msg: Any, delivered: int) -> None:
+        if self.node.name == "a":
+            await retried.wait()  # (heartbeats keep this delivery held meanwhile)
+        await real_give_up(self, msg, delivered)
+        if self.node.name == "a":
+            reported.set()
+
+    async def receive(self: NodeActor, msg: Any) -> None:
+        if self.node.name == "join" and msg.subject.endswith(".retry"):
+            await reported.wait()  # the retry's message for the join comes after a's give-up
+        await real_receive(self, msg)
+
+    async def supervise(self: SupervisorActor, msg: Any) -> None:
+        if b"owed_arrival" in (msg.data or b""):
+            await j_started.wait()  # a busy supervisor
+        await real_supervise(self, msg)
+
+    for name, patch in [("_finish_completed", finish), ("_arrive_below", arrive), ("give_up", give_up)]:
+        monkeypatch.setattr(NodeActor, name, patch)
+    monkeypatch.setattr(NodeActor, "receive", receive)
+    monkeypatch.setattr(SupervisorActor, "receive", supervise)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=2, ack_wait=1.0, shutdown_grace=0.5)
+    handle = await env.client.start(wf.name, {})
+    try:
+        with pytest.raises(RunFailed, match="x broke"):
+            async with asyncio.timeout(15):
+                await handle.result()
+        retry = asyncio.ensure_future(handle.retry())
+        await eventually(lambda: env.workers[0].system.gate.epoch(handle.run_id) == 1, within=10)
+        retried.set()
+        assert sorted(await retry) == ["join", "x"]
+        async with asyncio.timeout(15):
+            assert await handle.result() == {"join": "A+B", "x": "X"}
+        journal = await env.client.journal(handle.run_id, wf.name)
+        reports = [e["data"] for e in journal if (e["node"], e["kind"]) == ("join", "attempt_failed")]
+        assert [report.get("owed_arrival") for report in reports] == [True]  # it was sent, and dropped
         assert calls == [{"a": "A", "b": "B"}]
     finally:
         never.set()

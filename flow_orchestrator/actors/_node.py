@@ -227,9 +227,8 @@ class NodeActor(Actor):
 
     async def _owed(self, run_id: str) -> list[str] | None:
         """The joins below still waiting for this node's arrival or its ready event (None: the node
-        has not completed). A join made ready, started after the run's last retry (by the retry's
-        own message, which found every upstream resolved in the journal, or by a ready event:
-        either claimed it), or completed waits for nothing."""
+        has not completed). A join that went ahead (see :meth:`ActorSystem.join_went_ahead`)
+        waits for nothing."""
         js, names = self.system.bus.js, self.system.names
         stored = await last_message(js, names.events_stream, self._subject(run_id, "completed"))
         if stored is None:
@@ -237,12 +236,9 @@ class NodeActor(Actor):
         closing, epoch = await self.system.run_state(run_id)
         if closing == "cancelled":
             return []  # a cancelled run records no arrivals (see _arrive_below): nothing is owed
-        owed, wf, stream = [], self.definition.name, names.events_stream
+        owed = []
         for join in self._joins_below:
-            if epoch and await self.system.store.get(Names.claim_key(run_id, join, epoch)) is not None:
-                continue
-            events = [names.event(wf, run_id, join, kind) for kind in ("ready", "completed")]
-            if any([await last_message(js, stream, subject) is not None for subject in events]):
+            if await self.system.join_went_ahead(self.definition.name, run_id, join, epoch):
                 continue
             found = await self.system.store.get(Names.join_key(run_id, join))
             record = (found.value if found is not None else None) or {}

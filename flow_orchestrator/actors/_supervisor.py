@@ -22,7 +22,6 @@ from flow_orchestrator.actors._actor import Actor, ConsumerSpec, log
 from flow_orchestrator.actors._faults import crash_point
 from flow_orchestrator.actors._system import OWED_ARRIVAL, ActorSystem, end_event, epoch_of_record
 from flow_orchestrator.bus._codec import decode_event
-from flow_orchestrator.bus._journal import last_event
 from flow_orchestrator.bus._propagation import carried_headers, epoch_of, trace_headers
 from flow_orchestrator.bus._subjects import RUN_TOKEN, Names, parse_event_subject
 from flow_orchestrator.runtime._status import RunStatus
@@ -105,12 +104,11 @@ class SupervisorActor(Actor):
             )
             await self._schedule_retry(run_id, node, attempt + 1, delay=delay, payload=payload, trace=trace)
             return
-        if payload.get(OWED_ARRIVAL) and await last_event(
-            self.system.bus.js, self.system.names.events_stream, self._subject(run_id, node, "ready")
-        ):
-            # The give-up found this join owed the message's arrival, but an earlier delivery of the
-            # same message, stalled past its ack wait, recorded it since and made the join ready.
-            log.warning("run %s: %s was made ready after all; its poison report is dropped", run_id, node)
+        if payload.get(OWED_ARRIVAL) and await self._went_ahead(run_id, node):
+            # The give-up found this join owed the message's arrival, but it went ahead since: an
+            # earlier delivery of the same message, stalled past its ack wait, recorded the arrival
+            # and made it ready, or a retry's message started it from the journal.
+            log.warning("run %s: %s went ahead after all; its poison report is dropped", run_id, node)
             return
         spec = self.definition.nodes[node]
         if spec.continue_on_error:
@@ -124,6 +122,10 @@ class SupervisorActor(Actor):
                 await self._sink_resolved(run_id, node, None, trace)
             return
         await self._fail_run(run_id, node, error, trace, attempt=attempt)
+
+    async def _went_ahead(self, run_id: str, join: str) -> bool:
+        _, epoch = await self.system.run_state(run_id)
+        return await self.system.join_went_ahead(self.definition.name, run_id, join, epoch)
 
     async def _schedule_retry(
         self,

@@ -24,7 +24,7 @@ from flow_orchestrator.bus._codec import decode, decode_event, encode
 from flow_orchestrator.bus._connection import Bus
 from flow_orchestrator.bus._dlq import Letter, dead_letter, rejected_subject
 from flow_orchestrator.bus._interceptors import InterceptorChain
-from flow_orchestrator.bus._journal import is_subject_conflict
+from flow_orchestrator.bus._journal import is_subject_conflict, last_message
 from flow_orchestrator.bus._kv import KeyTaken, StateStore
 from flow_orchestrator.bus._propagation import EPOCH_HEADER, carried_headers, epoch_of, trace_headers
 from flow_orchestrator.bus._pull import Capacity
@@ -326,6 +326,20 @@ class ActorSystem:
             found = await self.store.get(key)
             return found is not None and found.value.get("seq") == seq
         return True
+
+    async def join_went_ahead(self, workflow: str, run_id: str, join: str, epoch: int) -> bool:
+        """Whether ``join`` waits for no more arrivals in a run retried ``epoch`` times: its ready
+        event or its completion is stored, or a message claimed it after one of the retries (the
+        retry's own message, which takes every upstream's output from the journal, or a ready
+        event). A message given up owing it an arrival then owes nothing."""
+        js, stream = self.bus.js, self.names.events_stream
+        for kind in ("ready", "completed"):
+            if await last_message(js, stream, self.names.event(workflow, run_id, join, kind)) is not None:
+                return True
+        for retry in range(epoch, 0, -1):
+            if await self.store.get(Names.claim_key(run_id, join, retry)) is not None:
+                return True
+        return False
 
     async def open_gate(self) -> None:
         """Follow run-level terminal events so closed runs start no new attempts on this worker."""
