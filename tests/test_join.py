@@ -864,6 +864,93 @@ async def test_an_owed_report_the_supervisor_takes_after_the_join_started_is_dro
         never.set()
 
 
+async def test_a_claim_taken_to_report_a_give_up_is_not_a_join_that_went_ahead(
+    env_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The join's message for c's failure (c continues on error) stalls, and is given up after the
+    first retry: to report the join failed, it claims the join for that retry, though the join
+    never started. The second retry reissues the join, which waits for a; a's message, whose
+    arrival was never recorded, is then given up owing the join. The run fails visibly. (The give-up's
+    claim passed for a join that went ahead: nothing was owed, and the run hung.)"""
+    wf = Workflow("give_up_claim")
+    x_calls: list[int] = []
+    a_go, never, c_give_up_go, a_give_up_go = (asyncio.Event() for _ in range(4))
+
+    @wf.node(continue_on_error=True)
+    async def c(ctx: NodeContext) -> str:
+        raise NonRetryableError("c broke (continue on error)")
+
+    @wf.node()
+    async def a(ctx: NodeContext) -> str:
+        await a_go.wait()  # running across the failures and retries
+        return "A"
+
+    @wf.node(depends_on=["a", "c"])
+    async def join(ctx: NodeContext) -> str:
+        return f"{ctx.outputs['a']}+{ctx.outputs['c']}"
+
+    @wf.node()
+    async def x(ctx: NodeContext) -> str:
+        x_calls.append(ctx.attempt)
+        await asyncio.sleep(0.5)
+        if len(x_calls) == 1:
+            raise NonRetryableError("x broke once")
+        return "X"
+
+    real_receive, real_give_up = NodeActor.receive, NodeActor.give_up
+    real_finish, real_arrive = NodeActor._finish_completed, NodeActor._arrive_below
+
+    async def receive(self: NodeActor, msg: Any) -> None:
+        if self.node.name == "join" and msg.subject.endswith(".c.failed") and msg.metadata.num_delivered == 1:
+            self._held.pop(id(msg), None)  # the join's worker stalls on c's failure (no heartbeats)
+            await never.wait()
+        await real_receive(self, msg)
+
+    async def finish(self: Any, msg: Any, attempt: Any, output: Any) -> None:
+        if self.node.name == "a" and msg.metadata.num_delivered == 1:
+            self._held.pop(id(msg), None)  # a's worker stalls: no heartbeats
+        await real_finish(self, msg, attempt, output)
+
+    async def arrive(self: Any, run_id: str, *args: Any) -> bool:
+        if self.node.name == "a":
+            await never.wait()  # stalled after publishing a's completion
+        return await real_arrive(self, run_id, *args)
+
+    async def give_up(self: Any, msg: Any, delivered: int) -> None:
+        if self.node.name == "join" and msg.subject.endswith(".c.failed"):
+            await asyncio.wait_for(c_give_up_go.wait(), 40)  # (heartbeats keep it held)
+        if self.node.name == "a":
+            await asyncio.wait_for(a_give_up_go.wait(), 40)
+        await real_give_up(self, msg, delivered)
+
+    for name, patch in [("receive", receive), ("_finish_completed", finish), ("_arrive_below", arrive)]:
+        monkeypatch.setattr(NodeActor, name, patch)
+    monkeypatch.setattr(NodeActor, "give_up", give_up)
+    env: LocalEnvironment = await env_factory([wf], max_deliver=2, ack_wait=1.0, shutdown_grace=0.5)
+    handle = await env.client.start(wf.name, {})
+    try:
+        with pytest.raises(RunFailed, match="x broke"):
+            async with asyncio.timeout(15):
+                await handle.result()
+        assert await handle.retry() == ["x"]
+        await eventually(lambda: env.workers[0].system.gate.epoch(handle.run_id) == 1, within=10)
+        c_give_up_go.set()
+        with pytest.raises(RunFailed, match="node_give_up_claim_join gave up"):
+            async with asyncio.timeout(15):
+                await handle.result()
+        assert await handle.retry() == ["join"]
+        await asyncio.sleep(1.0)  # the join's reissue found a unresolved and recorded c's arrival
+        a_go.set()  # a completes; its arrival stalls, and its last delivery is given up
+        await asyncio.sleep(1.5)
+        a_give_up_go.set()
+        with pytest.raises(RunFailed, match="node_give_up_claim_a gave up"):
+            async with asyncio.timeout(15):
+                await handle.result()
+    finally:
+        for event in (never, a_go, c_give_up_go, a_give_up_go):
+            event.set()
+
+
 async def test_a_give_up_interrupted_by_a_stopping_worker_is_done_again(
     env_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

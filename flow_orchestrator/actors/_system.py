@@ -313,13 +313,14 @@ class ActorSystem:
         self.gate.reopen(run_id, epoch)
         return None, epoch
 
-    async def claim(self, run_id: str, node: str, epoch: int, seq: int) -> bool:
+    async def claim(self, run_id: str, node: str, epoch: int, seq: int, *, gave_up: bool = False) -> bool:
         """Whether the message at stream sequence ``seq`` may start ``node`` after the run's
         ``epoch``-th retry: the first to claim it does (and its own redelivery again); any other
-        message that could start it then starts nothing."""
+        message that could start it then starts nothing. A message given up claims to report the
+        node failed (``gave_up``): it started nothing, which :meth:`join_went_ahead` must know."""
         key = Names.claim_key(run_id, node, epoch)
         try:
-            await self.store.create(key, {"seq": seq})
+            await self.store.create(key, {"seq": seq, "gave_up": True} if gave_up else {"seq": seq})
         except KeyTaken as taken:
             return bool(taken.current.value.get("seq") == seq)
         except StateConflict:  # taken, and its value could not be read: go by a read
@@ -337,7 +338,8 @@ class ActorSystem:
             if await last_message(js, stream, self.names.event(workflow, run_id, join, kind)) is not None:
                 return True
         for retry in range(epoch, 0, -1):
-            if await self.store.get(Names.claim_key(run_id, join, retry)) is not None:
+            found = await self.store.get(Names.claim_key(run_id, join, retry))
+            if found is not None and not found.value.get("gave_up"):
                 return True
         return False
 
@@ -414,7 +416,10 @@ class ActorSystem:
         _, epoch = await self.run_state(run_id)
         if epoch > lineage and (
             owes_arrival
-            or (letter.stream_seq is not None and await self.claim(run_id, node, epoch, letter.stream_seq))
+            or (
+                letter.stream_seq is not None
+                and await self.claim(run_id, node, epoch, letter.stream_seq, gave_up=True)
+            )
         ):
             headers[EPOCH_HEADER] = str(epoch)
             lineage = epoch
