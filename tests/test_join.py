@@ -613,13 +613,13 @@ def _b_then_a_into_join(name: str, join_action: Any) -> Workflow:
     return wf
 
 
-def _stall_a_until_its_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def _stall_a_after_its_completion(
+    monkeypatch: pytest.MonkeyPatch, until: asyncio.Event, arrived: asyncio.Event | None = None
+) -> None:
     """a's first delivery stalls (no heartbeats: a paused worker) after publishing a's completion,
-    before recording its arrival, until a's last delivery has worked out what it owes; that give-up
-    goes on once the stalled delivery has made the join ready."""
-    owed_computed, ready_published = asyncio.Event(), asyncio.Event()
+    before recording its arrival, until ``until`` is set; ``arrived`` is set if that arrival then
+    makes the join ready."""
     real_finish, real_arrive = NodeActor._finish_completed, NodeActor._arrive_below
-    real_owed = NodeActor._owed
 
     async def finish(self: Any, msg: Any, attempt: Any, output: Any) -> None:
         if self.node.name == "a" and msg.metadata.num_delivered == 1:
@@ -628,11 +628,21 @@ def _stall_a_until_its_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
 
     async def arrive(self: Any, run_id: str, *args: Any) -> bool:
         if self.node.name == "a":
-            await owed_computed.wait()
+            await until.wait()
         published = await real_arrive(self, run_id, *args)
-        if self.node.name == "a" and published:
-            ready_published.set()
+        if self.node.name == "a" and published and arrived is not None:
+            arrived.set()
         return published
+
+    monkeypatch.setattr(NodeActor, "_finish_completed", finish)
+    monkeypatch.setattr(NodeActor, "_arrive_below", arrive)
+
+
+def _stall_a_until_its_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """a's first delivery stalls after publishing a's completion until a's last delivery has worked
+    out what it owes; that give-up goes on once the stalled delivery has made the join ready."""
+    owed_computed, ready_published = asyncio.Event(), asyncio.Event()
+    real_owed = NodeActor._owed
 
     async def owed(self: Any, run_id: str) -> Any:
         joins = await real_owed(self, run_id)
@@ -643,8 +653,7 @@ def _stall_a_until_its_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
             await asyncio.sleep(0.3)  # the join has started by now
         return joins
 
-    monkeypatch.setattr(NodeActor, "_finish_completed", finish)
-    monkeypatch.setattr(NodeActor, "_arrive_below", arrive)
+    _stall_a_after_its_completion(monkeypatch, owed_computed, ready_published)
     monkeypatch.setattr(NodeActor, "_owed", owed)
 
 
@@ -737,26 +746,14 @@ async def test_an_owed_report_after_the_retry_started_the_join_is_not_sent(
             raise NonRetryableError(f"x broke ({len(x_calls)})")
         return "X"
 
-    real_finish, real_arrive = NodeActor._finish_completed, NodeActor._arrive_below
     real_give_up = NodeActor.give_up
-
-    async def finish(self: Any, msg: Any, attempt: Any, output: Any) -> None:
-        if self.node.name == "a" and msg.metadata.num_delivered == 1:
-            self._held.pop(id(msg), None)  # a's worker stalls: no heartbeats
-        await real_finish(self, msg, attempt, output)
-
-    async def arrive(self: Any, run_id: str, *args: Any) -> bool:
-        if self.node.name == "a":
-            await never.wait()  # stalled for good after publishing a's completion
-        return await real_arrive(self, run_id, *args)
 
     async def give_up(self: Any, msg: Any, delivered: int) -> None:
         if self.node.name == "a":  # (heartbeats keep this delivery held meanwhile)
             await asyncio.wait_for(give_up_go.wait(), 40)
         await real_give_up(self, msg, delivered)
 
-    monkeypatch.setattr(NodeActor, "_finish_completed", finish)
-    monkeypatch.setattr(NodeActor, "_arrive_below", arrive)
+    _stall_a_after_its_completion(monkeypatch, never)  # for good
     monkeypatch.setattr(NodeActor, "give_up", give_up)
     env: LocalEnvironment = await env_factory([wf], max_deliver=2, ack_wait=1.0, shutdown_grace=0.5)
     handle = await env.client.start(wf.name, {})
@@ -809,19 +806,8 @@ async def test_an_owed_report_the_supervisor_takes_after_the_join_started_is_dro
             raise NonRetryableError("x broke once")
         return "X"
 
-    real_finish, real_arrive = NodeActor._finish_completed, NodeActor._arrive_below
     real_give_up, real_receive, real_supervise = NodeActor.give_up, NodeActor.receive, SupervisorActor.receive
     retried = asyncio.Event()
-
-    async def finish(self: Any, msg: Any, attempt: Any, output: Any) -> None:
-        if self.node.name == "a" and msg.metadata.num_delivered == 1:
-            self._held.pop(id(msg), None)  # a's worker stalls: no heartbeats
-        await real_finish(self, msg, attempt, output)
-
-    async def arrive(self: Any, run_id: str, *args: Any) -> bool:
-        if self.node.name == "a":
-            await never.wait()  # stalled for good after publishing a's completion
-        return await real_arrive(self, run_id, *args)
 
     async def give_up(self: Any, msg: Any, delivered: int) -> None:
         if self.node.name == "a":
@@ -840,8 +826,8 @@ async def test_an_owed_report_the_supervisor_takes_after_the_join_started_is_dro
             await j_started.wait()  # a busy supervisor
         await real_supervise(self, msg)
 
-    for name, patch in [("_finish_completed", finish), ("_arrive_below", arrive), ("give_up", give_up)]:
-        monkeypatch.setattr(NodeActor, name, patch)
+    _stall_a_after_its_completion(monkeypatch, never)  # for good
+    monkeypatch.setattr(NodeActor, "give_up", give_up)
     monkeypatch.setattr(NodeActor, "receive", receive)
     monkeypatch.setattr(SupervisorActor, "receive", supervise)
     env: LocalEnvironment = await env_factory([wf], max_deliver=2, ack_wait=1.0, shutdown_grace=0.5)
@@ -898,23 +884,12 @@ async def test_a_claim_taken_to_report_a_give_up_is_not_a_join_that_went_ahead(
         return "X"
 
     real_receive, real_give_up = NodeActor.receive, NodeActor.give_up
-    real_finish, real_arrive = NodeActor._finish_completed, NodeActor._arrive_below
 
     async def receive(self: NodeActor, msg: Any) -> None:
         if self.node.name == "join" and msg.subject.endswith(".c.failed") and msg.metadata.num_delivered == 1:
             self._held.pop(id(msg), None)  # the join's worker stalls on c's failure (no heartbeats)
             await never.wait()
         await real_receive(self, msg)
-
-    async def finish(self: Any, msg: Any, attempt: Any, output: Any) -> None:
-        if self.node.name == "a" and msg.metadata.num_delivered == 1:
-            self._held.pop(id(msg), None)  # a's worker stalls: no heartbeats
-        await real_finish(self, msg, attempt, output)
-
-    async def arrive(self: Any, run_id: str, *args: Any) -> bool:
-        if self.node.name == "a":
-            await never.wait()  # stalled after publishing a's completion
-        return await real_arrive(self, run_id, *args)
 
     async def give_up(self: Any, msg: Any, delivered: int) -> None:
         if self.node.name == "join" and msg.subject.endswith(".c.failed"):
@@ -923,8 +898,8 @@ async def test_a_claim_taken_to_report_a_give_up_is_not_a_join_that_went_ahead(
             await asyncio.wait_for(a_give_up_go.wait(), 40)
         await real_give_up(self, msg, delivered)
 
-    for name, patch in [("receive", receive), ("_finish_completed", finish), ("_arrive_below", arrive)]:
-        monkeypatch.setattr(NodeActor, name, patch)
+    _stall_a_after_its_completion(monkeypatch, never)  # for good
+    monkeypatch.setattr(NodeActor, "receive", receive)
     monkeypatch.setattr(NodeActor, "give_up", give_up)
     env: LocalEnvironment = await env_factory([wf], max_deliver=2, ack_wait=1.0, shutdown_grace=0.5)
     handle = await env.client.start(wf.name, {})
