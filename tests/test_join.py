@@ -428,6 +428,22 @@ def _join_behind_b(
     return wf, seen, release, broken
 
 
+async def _join_failed_then_retried(
+    env_factory: Any, wf: Workflow, broken: dict[str, bool]
+) -> tuple[LocalEnvironment, Any]:
+    """Run ``wf`` (from :func:`_join_behind_b`) with a's arrival unrecordable: a's give-up fails the
+    join while b still runs. Then retry it: the join is reissued, records a's arrival, waits for b."""
+    broken["a"] = True
+    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
+    handle = await env.client.start(wf.name, {})
+    with pytest.raises(RunFailed, match="dead-lettered"):
+        await handle.result()
+    broken["a"] = False
+    assert await handle.retry() == ["join"]
+    await asyncio.sleep(1.0)
+    return env, handle
+
+
 async def test_a_join_failed_before_its_upstreams_resolved_waits_for_them_after_a_retry(
     env_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -435,14 +451,7 @@ async def test_a_join_failed_before_its_upstreams_resolved_waits_for_them_after_
     reissues the join; it must not start with b's output missing. The retry's message records a's
     arrival instead, and b's completion, when it comes, makes the join ready."""
     wf, seen, release, broken = _join_behind_b("early_join", monkeypatch)
-    broken["a"] = True
-    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
-    handle = await env.client.start("early_join", {})
-    with pytest.raises(RunFailed, match="dead-lettered"):
-        await handle.result()
-    broken["a"] = False
-    assert await handle.retry() == ["join"]
-    await asyncio.sleep(1.0)
+    _, handle = await _join_failed_then_retried(env_factory, wf, broken)
     assert seen == []  # b has not resolved: the join waits
     release.set()
     assert await handle.result() == "A+B"
@@ -457,14 +466,7 @@ async def test_a_join_given_up_on_again_after_a_retry_fails_the_run(
     the run fails again. (It carried the message's own epoch: a duplicate of the first report's
     message id, dropped, and a report the supervisor took for a stale one: the run hung.)"""
     wf, _, release, broken = _join_behind_b("owed_again", monkeypatch)
-    broken["a"] = True
-    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
-    handle = await env.client.start("owed_again", {})
-    with pytest.raises(RunFailed, match="dead-lettered"):
-        await handle.result()
-    broken["a"] = False
-    assert await handle.retry() == ["join"]
-    await asyncio.sleep(1.0)
+    _, handle = await _join_failed_then_retried(env_factory, wf, broken)
     broken["b"] = True
     release.set()
     with pytest.raises(RunFailed, match="dead-lettered") as caught:
@@ -500,14 +502,8 @@ async def test_a_join_reissued_with_its_last_upstream_runs_once(
         await real_receive(self, msg)
 
     monkeypatch.setattr(NodeActor, "receive", receive)
-    broken.update(a=True, b_fails=True)
-    env: LocalEnvironment = await env_factory([wf], max_deliver=3, ack_wait=1.0)
-    handle = await env.client.start(wf.name, {})
-    with pytest.raises(RunFailed, match="dead-lettered"):  # a's give-up fails the join
-        await handle.result()
-    broken["a"] = False
-    assert await handle.retry() == ["join"]  # records a's arrival, waits for b
-    await asyncio.sleep(1.0)
+    broken["b_fails"] = True
+    env, handle = await _join_failed_then_retried(env_factory, wf, broken)
     release.set()
     with pytest.raises(RunFailed, match="b broke"):
         await handle.result()
